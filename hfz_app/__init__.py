@@ -1,0 +1,1 @@
+"""HyperFedZero on Flower."""

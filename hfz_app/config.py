@@ -1,0 +1,324 @@
+"""Typed configuration: dataclass defaults, YAML presets, Flower run-config overrides.
+
+A run's configuration is built in three layers, later ones winning:
+
+1. the dataclass defaults below (the embedded default: real MNIST, the MLP, 10 + 5 clients);
+2. a YAML preset from ``conf/`` (only the keys it changes), selected by name or path;
+3. overrides as flat dotted keys, e.g. ``{"train.lr": 0.01}``, which is what Flower's
+   ``--run-config``/``-c`` delivers in ``context.run_config``.
+
+Every key is validated on the way in: an unknown key, a wrong type or an out-of-range value raises
+:class:`ConfigError` whose message is one line naming the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# Run-config values that mean "not set on the command line, keep the preset's value".
+# Flower cannot express a missing value, so pyproject.toml declares every key with this sentinel.
+UNSET = ""
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported as one line that names the key or file."""
+
+
+def _check(min: float | None = None, max: float | None = None, gt: float | None = None):
+    return {"min": min, "max": max, "gt": gt}
+
+
+@dataclass
+class RunSection:
+    """What the run is and where it writes."""
+
+    name: str = "mnist_mlp"
+    seed: int = field(default=0, metadata=_check(min=0))
+    method: str = "hyperfedzero"
+    rounds: int = field(default=20, metadata=_check(min=1))
+    eval_every: int = field(default=1, metadata=_check(min=1))
+    output_dir: str = "outputs"
+    resume: bool = False
+
+
+@dataclass
+class ShiftSection:
+    """Per-client intra-domain feature shift; each client draws its parameters from these ranges."""
+
+    enabled: bool = False
+    rotation_deg: float = field(default=20.0, metadata=_check(min=0, max=180))
+    brightness: float = field(default=0.2, metadata=_check(min=0, max=1))
+    contrast: float = field(default=0.3, metadata=_check(min=0, max=1))
+    blur_sigma: float = field(default=1.0, metadata=_check(min=0))
+    noise_std: float = field(default=0.1, metadata=_check(min=0))
+
+
+@dataclass
+class DataSection:
+    """Which dataset, and how it is split into participating and held-out clients."""
+
+    dataset: str = "mnist"
+    data_dir: str = ""  # local folder for the `folder` source; empty: the dataset's default
+    num_participants: int = field(default=10, metadata=_check(min=1))
+    num_heldout: int = field(default=5, metadata=_check(min=0))
+    alpha_dir: float = field(default=0.3, metadata=_check(gt=0))
+    alpha_dir_heldout: float = field(default=0.0, metadata=_check(min=0))  # 0: same as alpha_dir
+    min_partition_size: int = field(default=20, metadata=_check(min=1))
+    local_test_fraction: float = field(default=0.2, metadata=_check(gt=0, max=0.9))
+    train_subsample: int = field(default=0, metadata=_check(min=0))  # 0: the whole train split
+    test_subsample: int = field(default=0, metadata=_check(min=0))  # 0: the whole test split
+    shift: ShiftSection = field(default_factory=ShiftSection)
+
+
+@dataclass
+class ModelSection:
+    """The target network and the HyperFedZero modules around it (see SPEC.md)."""
+
+    target: str = "mlp"
+    generate: str = "all"  # "all", "head", or comma-separated parameter-name prefixes
+    conditioning: Literal["param", "input"] = "param"
+    granularity: Literal["sample", "batch"] = "sample"
+    embedding: Literal["learned", "uniform"] = "learned"
+    embed_dim: int = field(default=16, metadata=_check(min=2))
+    noisy_embed: bool = True
+    noise_at_eval: bool = False
+    chunk_layout: Literal["row", "flat"] = "row"
+    chunk_size: int = field(default=256, metadata=_check(min=1))  # flat layout only
+    chunk_embed_dim: int = field(default=8, metadata=_check(min=1))
+    hidden: str = "64"  # hypernetwork hidden widths, comma-separated
+    extractor_hidden: int = field(default=64, metadata=_check(min=1))
+    residual: bool = True
+    factorised: bool = True
+    alpha: float = field(default=0.01, metadata=_check(min=0))  # balancing penalty weight
+    beta: float = field(default=0.0, metadata=_check(min=0))  # sharpness (entropy) weight
+
+    def hidden_widths(self) -> tuple[int, ...]:
+        try:
+            widths = tuple(int(w) for w in str(self.hidden).split(",") if w.strip())
+        except ValueError:
+            raise ConfigError(
+                f"model.hidden: expected comma-separated positive integers, got {self.hidden!r}"
+            ) from None
+        if not widths or min(widths) < 1:
+            raise ConfigError(f"model.hidden: expected positive integers, got {self.hidden!r}")
+        return widths
+
+
+@dataclass
+class TrainSection:
+    """Local training on a client."""
+
+    local_epochs: int = field(default=1, metadata=_check(min=1))
+    batch_size: int = field(default=64, metadata=_check(min=1))
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = field(default=0.05, metadata=_check(gt=0))
+    momentum: float = field(default=0.9, metadata=_check(min=0, max=1))
+    weight_decay: float = field(default=0.0, metadata=_check(min=0))
+    hyper_output_lr_scale: float = field(default=0.1, metadata=_check(gt=0))
+    extractor_lr_scale: float = field(default=1.0, metadata=_check(gt=0))
+    torch_threads: int = field(default=0, metadata=_check(min=0))  # 0: torch's default
+
+
+@dataclass
+class ServerSection:
+    """Server-side aggregation and node sampling."""
+
+    fraction_train: float = field(default=1.0, metadata=_check(gt=0, max=1))
+    min_train_nodes: int = field(default=1, metadata=_check(min=1))
+    server_momentum: float = field(default=0.0, metadata=_check(min=0, max=0.999))
+    server_lr: float = field(default=1.0, metadata=_check(gt=0))
+    timeout_s: float = field(default=3600.0, metadata=_check(gt=0))
+
+
+@dataclass
+class Config:
+    run: RunSection = field(default_factory=RunSection)
+    data: DataSection = field(default_factory=DataSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    server: ServerSection = field(default_factory=ServerSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Flat dotted keys (``data.shift.enabled``) -> values; the run-config vocabulary."""
+        return _flatten(self.to_dict())
+
+
+# ---------------------------------------------------------------------------------------------
+# Building and validating
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for dotted, value in flat.items():
+        node = tree
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{dotted}: '{part}' is a value, not a section")
+        node[leaf] = value
+    return tree
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any, meta: Mapping[str, Any]) -> Any:
+    """Return ``value`` as type ``tp`` or raise a one-line ConfigError naming ``key``."""
+    if typing.get_origin(tp) is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        value = int(value)
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if meta.get("gt") is not None and not value > meta["gt"]:
+        raise ConfigError(f"{key}: expected a value > {meta['gt']}, got {value!r}")
+    if meta.get("min") is not None and value < meta["min"]:
+        raise ConfigError(f"{key}: expected a value >= {meta['min']}, got {value!r}")
+    if meta.get("max") is not None and value > meta["max"]:
+        raise ConfigError(f"{key}: expected a value <= {meta['max']}, got {value!r}")
+    return value
+
+
+def _build(cls: type, tree: Mapping[str, Any], prefix: str, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(tree) - set(fields))
+    if unknown:
+        where = f"section '{prefix.rstrip('.')}'" if prefix else "the top level"
+        raise ConfigError(
+            f"{prefix}{unknown[0]}: unknown key in {source} (known in {where}: "
+            f"{', '.join(sorted(fields))})"
+        )
+    kwargs = {}
+    for name, value in tree.items():
+        tp, key = hints[name], f"{prefix}{name}"
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{key}: expected a section (mapping), got {value!r}")
+            kwargs[name] = _build(tp, value, key + ".", source)
+        else:
+            kwargs[name] = _coerce(key, value, tp, fields[name].metadata)
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def preset_path(preset: str) -> Path:
+    """Resolve a preset name (``mnist_mlp``) or a path to a YAML file."""
+    path = Path(preset)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    candidate = CONF_DIR / f"{preset}.yaml"
+    if candidate.exists():
+        return candidate
+    known = ", ".join(sorted(p.stem for p in CONF_DIR.glob("*.yaml")))
+    raise ConfigError(f"preset: no preset named {preset!r} (known: {known}; or a .yaml path)")
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{line} is not valid YAML ({getattr(err, 'problem', err)})")
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return tree
+
+
+def load_config(
+    preset: str | None = "mnist_mlp", overrides: Mapping[str, Any] | None = None
+) -> Config:
+    """Defaults <- YAML preset <- flat dotted overrides; validated, one-line errors."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if preset:
+        path = preset_path(preset)
+        source = str(path)
+        tree = read_yaml(path)
+        _build(Config, tree, "", source)  # report preset errors against the file
+    if overrides:
+        cleaned = {k: v for k, v in overrides.items() if v != UNSET}
+        tree = _merge(tree, _unflatten(cleaned))
+        source = f"{source} + overrides" if preset else "overrides"
+    cfg = _build(Config, tree, "", source)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that a single key's range cannot express."""
+    cfg.model.hidden_widths()
+    if cfg.run.eval_every > cfg.run.rounds:
+        raise ConfigError(
+            f"run.eval_every: expected <= run.rounds ({cfg.run.rounds}), got {cfg.run.eval_every}"
+        )
+    if cfg.server.min_train_nodes > cfg.data.num_participants:
+        raise ConfigError(
+            f"server.min_train_nodes: expected <= data.num_participants "
+            f"({cfg.data.num_participants}), got {cfg.server.min_train_nodes}"
+        )
+
+
+def from_run_config(run_config: Mapping[str, Any]) -> Config:
+    """Build the Config of a Flower run: ``preset`` picks the YAML, other keys override it."""
+    values = dict(run_config)
+    preset = str(values.pop("preset", "mnist_mlp") or "mnist_mlp")
+    return load_config(preset, values)
+
+
+def run_config_keys() -> dict[str, Any]:
+    """Every overridable key with its default; pyproject.toml must declare exactly these."""
+    return Config().flat()
+
