@@ -1,0 +1,1 @@
+"""Metrics: zACC, gACC, pACC, their spread across clients, the participation gap."""

@@ -1,0 +1,232 @@
+"""HyperFedZeroStrategy: FedAvg over the shared modules only, trained by participants only."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from hfz_app.evaluation.metrics import summarise_evaluation
+from hfz_app.federation.roles import ZEROSHOT_MESSAGE_TYPE, Roles
+
+log = logging.getLogger("hfz_app")
+
+
+class HyperFedZeroStrategy(FedAvg):
+    r"""Federated Averaging of HyperFedZero's shared arrays, with zero-shot evaluation.
+
+    A HyperFedZero model is split into *shared* arrays :math:`\theta` -- the distribution
+    extractor :math:`\theta_f` with its noise head, the chunked hypernetwork :math:`\theta_h` with
+    its chunk embeddings, and a backbone when only a head is generated -- and *personal* state
+    (local BatchNorm statistics, optimiser state, generated weights) that never leaves a client.
+    This strategy only ever holds, sends and averages ``shared_keys``.
+
+    Participating clients, on a ``train`` message, load :math:`\theta` and minimise on their data
+
+    .. math::
+        \frac{1}{n_k}\sum_i \ell\big(c(x_i;\, h(e_i;\theta_h)),\, y_i\big)
+        + \alpha\,\frac{\operatorname{var}(u)}{\operatorname{mean}(u)}
+        + \beta\,\frac{1}{B}\sum_i H(e_i),
+        \qquad e_i = \operatorname{softmax}\!\big(f(x_i;\theta_f) + z\,\operatorname{softplus}(
+        \mathrm{noisy}(x_i))\big),\quad u = \frac{1}{B}\sum_i e_i,
+
+    then reply with *exactly* the received keys and ``num-examples`` = :math:`n_k`. The server sets
+    :math:`\bar\theta = \sum_k n_k\theta_k / \sum_k n_k` over the valid replies; with server
+    momentum :math:`\mu` (FedAvgM) it applies :math:`v \leftarrow \mu v + (\theta - \bar\theta)`,
+    :math:`\theta \leftarrow \theta - \eta v`. A reply whose keys differ from ``shared_keys`` or
+    that holds a non-finite value is dropped and logged, never averaged.
+
+    Evaluation, every ``eval_every`` rounds and after the last: participants get ``evaluate`` and
+    report accuracy on their local test split with their own generated weights (pACC); held-out
+    nodes get ``evaluate.zeroshot`` and run the frozen modules on all their data -- no gradient
+    step, labels used only for the metric (zACC). Held-out nodes never receive a train message.
+
+    Parameters
+    ----------
+    shared_keys : Sequence[str]
+        The state-dict keys that are shared; any other key in a reply invalidates it.
+    roles : Roles
+        Which node ids are participants and which are held out (see ``roles.discover_roles``).
+    num_rounds : int
+        Total rounds, so that the last round is always evaluated.
+    eval_every : int
+        Evaluate every this many rounds.
+    server_momentum, server_lr : float
+        FedAvgM's :math:`\mu` and :math:`\eta`; ``0`` and ``1`` give plain FedAvg.
+    seed : int
+        Seeds participant sampling when ``fraction_train < 1``.
+    **kwargs
+        Passed to :class:`flwr.serverapp.strategy.FedAvg`.
+    """
+
+    def __init__(
+        self,
+        shared_keys: Sequence[str],
+        roles: Roles,
+        *,
+        num_rounds: int,
+        eval_every: int = 1,
+        server_momentum: float = 0.0,
+        server_lr: float = 1.0,
+        seed: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("min_train_nodes", 1)
+        kwargs.setdefault("min_evaluate_nodes", 1)
+        kwargs.setdefault("min_available_nodes", 1)
+        super().__init__(**kwargs)
+        self.shared_keys = frozenset(shared_keys)
+        self.roles = roles
+        self.num_rounds = num_rounds
+        self.eval_every = eval_every
+        self.server_momentum = server_momentum
+        self.server_lr = server_lr
+        self.seed = seed
+        self._current: ArrayRecord | None = None
+        self._velocity: dict[str, np.ndarray] | None = None
+        # What the recorder writes after each round: aggregated scalars and per-client replies.
+        self.round_stats: dict[int, dict[str, float]] = {}
+        self.client_metrics: dict[int, dict[str, list[dict[str, Any]]]] = {}
+
+    # -- training -------------------------------------------------------------------------------
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Sample participants only; held-out nodes are never asked to train."""
+        self._check_arrays(arrays)
+        participants = list(self.roles.participants)
+        sample_size = max(int(len(participants) * self.fraction_train), self.min_train_nodes)
+        sample_size = min(sample_size, len(participants))
+        rng = random.Random(self.seed * 1_000_003 + server_round)
+        node_ids = sorted(rng.sample(participants, sample_size), key=self.roles.partition_of.get)
+        self._current = arrays
+        config["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        self.round_stats[server_round] = {
+            "n_train_sent": len(node_ids),
+            "bytes_sent": float(arrays.count_bytes() * len(node_ids)),
+            "bytes_sent_per_client": float(arrays.count_bytes()),
+        }
+        log.info("round %d: training %d of %d participants", server_round, len(node_ids),
+                 len(participants))
+        return self._construct_messages(record, node_ids, MessageType.TRAIN)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Drop invalid replies, then FedAvg (plus optional server momentum) in partition order."""
+        replies = list(replies)
+        kept = [msg for msg in replies if self._is_valid_train_reply(msg)]
+        # Summation order fixes float rounding: sort by partition id (node ids are random per run).
+        kept.sort(key=lambda msg: self.roles.partition_of.get(msg.metadata.src_node_id, 0))
+        stats = self.round_stats.setdefault(server_round, {})
+        stats["n_train_replies"] = len(kept)
+        stats["n_dropped"] = len(replies) - len(kept)
+        stats["bytes_received"] = float(
+            sum(msg.content[self.arrayrecord_key].count_bytes() for msg in kept)
+        )
+        arrays, metrics = super().aggregate_train(server_round, kept)
+        if arrays is not None and (self.server_momentum > 0 or self.server_lr != 1.0):
+            arrays = self._server_step(arrays)
+        if metrics is not None:
+            stats.update({k: float(v) for k, v in metrics.items() if not isinstance(v, list)})
+        return arrays, metrics
+
+    def _is_valid_train_reply(self, msg: Message) -> bool:
+        node = msg.metadata.src_node_id
+        if msg.has_error():
+            log.warning("round reply from node %s failed: %s", node, msg.error.reason)
+            return False
+        arrays = msg.content.array_records.get(self.arrayrecord_key)
+        if arrays is None or len(msg.content.array_records) != 1:
+            log.warning("dropped reply from node %s: expected one ArrayRecord '%s'", node,
+                        self.arrayrecord_key)
+            return False
+        keys = set(arrays.keys())
+        if keys != self.shared_keys:
+            extra, missing = sorted(keys - self.shared_keys), sorted(self.shared_keys - keys)
+            log.warning("dropped reply from node %s: not the shared keys (foreign %s, missing %s)",
+                        node, extra[:5], missing[:5])
+            return False
+        for key, array in arrays.items():
+            if not np.isfinite(array.numpy()).all():
+                log.warning("dropped reply from node %s: non-finite values in '%s'", node, key)
+                return False
+        metrics = msg.content.metric_records
+        if len(metrics) != 1 or self.weighted_by_key not in next(iter(metrics.values())):
+            log.warning("dropped reply from node %s: expected one MetricRecord with '%s'", node,
+                        self.weighted_by_key)
+            return False
+        return True
+
+    def _server_step(self, averaged: ArrayRecord) -> ArrayRecord:
+        """FedAvgM: treat (current - average) as a pseudo-gradient with momentum and step size."""
+        assert self._current is not None
+        current = {k: v.numpy() for k, v in self._current.items()}
+        average = {k: v.numpy() for k, v in averaged.items()}
+        if self._velocity is None:
+            self._velocity = {k: np.zeros_like(v) for k, v in current.items()}
+        updated = {}
+        for key, value in current.items():
+            pseudo_grad = value - average[key]
+            self._velocity[key] = self.server_momentum * self._velocity[key] + pseudo_grad
+            updated[key] = (value - self.server_lr * self._velocity[key]).astype(value.dtype)
+        return ArrayRecord({k: Array(v) for k, v in updated.items()})
+
+    def _check_arrays(self, arrays: ArrayRecord) -> None:
+        keys = set(arrays.keys())
+        if keys != self.shared_keys:
+            raise ValueError(
+                f"HyperFedZeroStrategy: the global arrays must hold exactly the shared keys; "
+                f"foreign {sorted(keys - self.shared_keys)[:5]}, "
+                f"missing {sorted(self.shared_keys - keys)[:5]}"
+            )
+
+    # -- evaluation -----------------------------------------------------------------------------
+
+    def is_eval_round(self, server_round: int) -> bool:
+        return server_round % self.eval_every == 0 or server_round == self.num_rounds
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """pACC on every participant, zACC on every held-out node, on evaluation rounds."""
+        if not self.is_eval_round(server_round):
+            return []
+        config["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return [
+            *self._construct_messages(record, list(self.roles.participants),
+                                      MessageType.EVALUATE),
+            *self._construct_messages(record, list(self.roles.heldout), ZEROSHOT_MESSAGE_TYPE),
+        ]
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Summarise pACC over participants and zACC (mean, spread, percentiles) over held-out."""
+        replies = list(replies)
+        if not replies:
+            return None
+        per_role: dict[str, list[dict[str, Any]]] = {"participant": [], "heldout": []}
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                log.warning("evaluation reply from node %s failed: %s", node, msg.error.reason)
+                continue
+            role = "heldout" if node in self.roles.heldout else "participant"
+            per_role[role].append(dict(next(iter(msg.content.metric_records.values()))))
+        for role_replies in per_role.values():
+            role_replies.sort(key=lambda r: r.get("partition-id", 0))
+        summary = summarise_evaluation(per_role["participant"], per_role["heldout"])
+        self.round_stats.setdefault(server_round, {}).update(summary)
+        self.client_metrics[server_round] = {"participants": per_role["participant"],
+                                             "heldout": per_role["heldout"]}
+        return MetricRecord(summary)

@@ -1,0 +1,162 @@
+"""`make run`: `flwr run` in local simulation with Flower's traps handled.
+
+- runtime dependency installation off (it would pull a CUDA torch per run);
+- a private FLWR_HOME and a SuperLink of our own on a free port, stopped when we are done (the
+  managed local SuperLink keeps running with a stale environment);
+- `flwr run` exits 0 for a failed run: we read the run's status and exit non-zero on failure.
+
+    python -m hfz_app.launch --preset mnist_mlp -c 'run.rounds=5' -c 'data.alpha_dir=0.1'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from hfz_app.config import ConfigError, load_config
+
+APP_DIR = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, object]:
+    """`key=value` pairs as Flower reads them (TOML values: strings quoted)."""
+    import tomllib
+
+    out: dict[str, object] = {}
+    for pair in pairs:
+        for item in pair.split():
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ConfigError(f"-c {item!r}: expected key=value")
+            try:
+                out[key] = tomllib.loads(f"v = {value}")["v"]
+            except tomllib.TOMLDecodeError:
+                out[key] = value  # an unquoted string; load_config reports a wrong type
+    return out
+
+
+def toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return str(value)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def flwr(*args: str, env: dict[str, str], capture: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "flwr"), *args], env=env, text=True, cwd=APP_DIR,
+                          capture_output=capture)
+
+
+def wait_healthy(port: int, superlink: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if superlink.poll() is not None:
+            raise RuntimeError(f"the SuperLink exited with code {superlink.returncode}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).read()
+            return
+        except OSError:
+            time.sleep(0.25)
+    raise RuntimeError(f"the SuperLink did not become healthy on port {port} in {timeout_s:.0f}s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="mnist_mlp", help="name in conf/ or a .yaml path")
+    parser.add_argument("-c", "--run-config", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key (repeatable), e.g. -c run.rounds=5")
+    parser.add_argument("--cpus-per-client", type=float, default=1.0,
+                        help="Ray CPUs per ClientApp actor (1 on a 2-core box: 2 in parallel)")
+    parser.add_argument("--keep-home", action="store_true", help="keep the temporary FLWR_HOME")
+    args = parser.parse_args(argv)
+
+    try:
+        overrides = parse_overrides(args.run_config)
+        cfg = load_config(args.preset, overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    num_nodes = cfg.data.num_participants + cfg.data.num_heldout
+
+    home = Path(tempfile.mkdtemp(prefix="hfz-flwr-"))
+    port = free_port()
+    env = dict(os.environ)
+    env.update(
+        FLWR_HOME=str(home),
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        HFZ_OUTPUT_ROOT=str(Path.cwd()),
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # the SuperLink spawns flower-superexec
+        RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0",
+    )
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "hfz"\n[superlink.hfz]\naddress = "127.0.0.1:{port}"\n'
+        "insecure = true\n"
+    )
+    log_path = home / "superlink.log"
+    superlink = subprocess.Popen(
+        [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1",
+         "--port", str(port), "--database", str(home / "state.db"),
+         "--disable-runtime-dependency-installation"],
+        env=env, cwd=Path.cwd(), stdout=log_path.open("w"), stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        wait_healthy(port, superlink)
+        run_config = " ".join(
+            [f"preset={toml_value(args.preset)}"]
+            + [f"{k}={toml_value(v)}" for k, v in overrides.items()]
+        )
+        federation = f"num-supernodes={num_nodes} client-resources-num-cpus={args.cpus_per_client}"
+        print(f"flwr run: {num_nodes} simulated nodes, preset {args.preset}", flush=True)
+        started = time.monotonic()
+        submitted = flwr("run", str(APP_DIR), "hfz", "--format", "json",
+                         "--federation-config", federation, "--run-config", run_config, env=env)
+        try:
+            run_id = str(json.loads(submitted.stdout)["run-id"])
+        except (json.JSONDecodeError, KeyError):
+            print(f"error: flwr run did not start a run:\n{submitted.stdout}{submitted.stderr}",
+                  file=sys.stderr)
+            return 1
+        flwr("log", run_id, "hfz", "--stream", env=env, capture=False)
+        status = json.loads(flwr("ls", "hfz", "--run-id", run_id, "--format", "json",
+                                 env=env).stdout)["runs"][0]
+        wall = time.monotonic() - started
+        if status["status"] != "finished:completed":
+            print(f"error: run {run_id} ended as {status['status']}: "
+                  f"{status.get('status-details', '')} (SuperLink log: {log_path})",
+                  file=sys.stderr)
+            args.keep_home = True
+            return 1
+        print(f"run {run_id} completed in {wall:.0f} s", flush=True)
+        return 0
+    finally:
+        if superlink.poll() is None:
+            os.killpg(superlink.pid, signal.SIGTERM)
+            try:
+                superlink.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(superlink.pid, signal.SIGKILL)
+        if not args.keep_home:
+            shutil.rmtree(home, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

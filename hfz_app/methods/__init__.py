@@ -1,0 +1,20 @@
+"""Federated methods, each one small unit behind the interface in ``base.Method``."""
+
+from __future__ import annotations
+
+from hfz_app.methods.base import Method
+from hfz_app.methods.fedavg import FedAvgMethod
+from hfz_app.methods.hyperfedzero import HyperFedZeroMethod
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (HyperFedZeroMethod, FedAvgMethod)}
+
+
+def get_method(name: str) -> type[Method]:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"run.method: unknown method {name!r} (known: {', '.join(METHODS)})") \
+            from None
+
+
+__all__ = ["METHODS", "Method", "get_method"]

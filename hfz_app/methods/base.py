@@ -1,0 +1,93 @@
+"""The one interface every federated method implements.
+
+A method says how to build its model from the dataset's metadata, which of its arrays are shared,
+how one local round trains, how it predicts for pACC (a participant's own model) and for zACC (a
+held-out client, no fine-tuning), and which strategy aggregates it. Shared code does the rest:
+data, loops, metrics, outputs, roles, checkpoints.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from hfz_app.config import Config
+from hfz_app.federation.roles import Roles
+from hfz_app.federation.strategy import HyperFedZeroStrategy
+from hfz_app.training import make_optimizer, train_epochs
+
+# Buffers that describe one client's data, never another's: kept local by every method.
+LOCAL_BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+
+
+class Method:
+    """Base class: FedAvg-like behaviour; subclasses override what differs."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, cfg: Config, input_shape: tuple[int, int, int], num_classes: int) -> None:
+        self.cfg = cfg
+        self.input_shape = tuple(input_shape)
+        self.num_classes = num_classes
+
+    # -- model and the federation seam ----------------------------------------------------------
+
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def shared_keys(self, model: nn.Module) -> list[str]:
+        """State-dict keys the server averages; everything else stays on the client."""
+        return [k for k in model.state_dict() if not k.endswith(LOCAL_BUFFER_SUFFIXES)]
+
+    def personal_keys(self, model: nn.Module) -> list[str]:
+        shared = set(self.shared_keys(model))
+        return [k for k in model.state_dict() if k not in shared]
+
+    # -- local training -------------------------------------------------------------------------
+
+    def loss(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        return nn.functional.cross_entropy(model(x), y), {}
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+
+    def local_train(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+    ) -> dict[str, float]:
+        """One round of local training; returns metrics (``train_loss`` and named parts)."""
+        train = self.cfg.train
+        optimizer = make_optimizer(self.param_groups(model), train)
+        return train_epochs(
+            model, self.loss, x, y, optimizer,
+            epochs=train.local_epochs, batch_size=train.batch_size, generator=generator,
+        )
+
+    # -- prediction -----------------------------------------------------------------------------
+
+    def predict(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Logits of a participant's own model (pACC) and of the global model (gACC)."""
+        return model(x)
+
+    def predict_zeroshot(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Logits on a held-out client: frozen shared arrays, no labels, no gradient step."""
+        return self.predict(model, x)
+
+    def diagnostics(self, model: nn.Module, x: torch.Tensor) -> dict[str, float | list[float]]:
+        """Extra per-client evaluation metrics (HyperFedZero: embedding collapse)."""
+        return {}
+
+    # -- server side ----------------------------------------------------------------------------
+
+    def strategy(self, shared_keys: list[str], roles: Roles) -> HyperFedZeroStrategy:
+        cfg = self.cfg
+        return HyperFedZeroStrategy(
+            shared_keys, roles,
+            num_rounds=cfg.run.rounds, eval_every=cfg.run.eval_every,
+            server_momentum=cfg.server.server_momentum, server_lr=cfg.server.server_lr,
+            seed=cfg.run.seed, fraction_train=cfg.server.fraction_train,
+            min_train_nodes=cfg.server.min_train_nodes,
+        )

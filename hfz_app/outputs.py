@@ -1,0 +1,160 @@
+"""Results written as the run goes: ``outputs/<run-name>/``.
+
+- ``config.yaml``: the resolved configuration;
+- ``metrics.csv`` (one row per round, fixed columns) and ``metrics.json`` (rows plus per-client
+  evaluation replies), rewritten after every round so a crash loses nothing already computed;
+- ``checkpoints/round_NNNN.pt``: the shared arrays after every round (``hfz_app.checkpoint``);
+- at the end ``curves.png`` (zACC, gACC, pACC against rounds; embedding usage) and a summary.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hfz_app.config import Config
+
+COLUMNS = [
+    "round", "elapsed_s", "round_time_s",
+    "train_loss", "train_ce", "train_balance", "train_sharpness", "train_embed_usage",
+    "gacc", "gloss",
+    "pacc_weighted", "pacc_mean", "pacc_std", "pacc_p10", "pacc_p90",
+    "zacc_weighted", "zacc_mean", "zacc_std", "zacc_p10", "zacc_p90", "gap",
+    "embed_usage_participants", "embed_entropy_participants",
+    "embed_usage_heldout", "embed_entropy_heldout", "embed_distance_heldout",
+    "bytes_sent", "bytes_received", "bytes_sent_per_client", "n_train_replies", "n_dropped",
+]
+
+
+def resolve_output_root(output_dir: str) -> Path:
+    """Relative output dirs resolve against $HFZ_OUTPUT_ROOT if set, else the working directory.
+
+    (A ServerApp's working directory is the SuperLink's, so the launcher sets HFZ_OUTPUT_ROOT.)
+    """
+    path = Path(output_dir).expanduser()
+    if not path.is_absolute():
+        path = Path(os.environ.get("HFZ_OUTPUT_ROOT", os.getcwd())) / path
+    return path
+
+
+class RunOutputs:
+    """One run's output folder; a new ``-2``, ``-3`` ... suffix rather than overwriting a run."""
+
+    def __init__(self, cfg: Config, directory: Path | None = None) -> None:
+        self.cfg = cfg
+        if directory is None:
+            root = resolve_output_root(cfg.run.output_dir)
+            directory = root / cfg.run.name
+            if not cfg.run.resume:
+                suffix = 2
+                while (directory / "metrics.csv").exists():
+                    directory = root / f"{cfg.run.name}-{suffix}"
+                    suffix += 1
+        self.dir = directory
+        self.checkpoint_dir = directory / "checkpoints"
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        (directory / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        self.rows: list[dict[str, Any]] = []
+        self.clients: dict[int, Any] = {}
+
+    @property
+    def metrics_csv(self) -> Path:
+        return self.dir / "metrics.csv"
+
+    def log_round(self, row: dict[str, Any], clients: Any = None) -> None:
+        self.rows.append(row)
+        if clients is not None:
+            self.clients[int(row["round"])] = clients
+        tmp = self.metrics_csv.with_suffix(".csv.tmp")
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            for r in self.rows:
+                writer.writerow({k: _csv_value(r.get(k)) for k in COLUMNS})
+        tmp.replace(self.metrics_csv)
+        payload = {"run": self.cfg.run.name, "columns": COLUMNS, "rounds": self.rows,
+                   "clients": self.clients}
+        tmp = self.dir / "metrics.json.tmp"
+        tmp.write_text(json.dumps(payload, indent=1, default=float))
+        tmp.replace(self.dir / "metrics.json")
+
+    def checkpoint_path(self, server_round: int) -> Path:
+        return self.checkpoint_dir / f"round_{server_round:04d}.pt"
+
+    def plot(self) -> list[Path]:
+        """Accuracy curves and embedding usage against rounds (PNG)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (ax_acc, ax_emb) = plt.subplots(1, 2, figsize=(11, 4))
+        for key, label in (("zacc_weighted", "zACC (held-out)"), ("gacc", "gACC (global test)"),
+                           ("pacc_weighted", "pACC (participants)")):
+            points = [(r["round"], r[key]) for r in self.rows if _present(r.get(key))]
+            if points:
+                ax_acc.plot(*zip(*points), marker="o", ms=3, label=label)
+        ax_acc.set(xlabel="round", ylabel="accuracy", title=self.cfg.run.name)
+        ax_acc.grid(alpha=0.3)
+        ax_acc.legend()
+        for key, label in (("embed_usage_participants", "participants"),
+                           ("embed_usage_heldout", "held-out")):
+            points = [(r["round"], r[key]) for r in self.rows if _present(r.get(key))]
+            if points:
+                ax_emb.plot(*zip(*points), marker="o", ms=3, label=label)
+        ax_emb.set(xlabel="round", ylabel="exp(H(mean e))",
+                   title=f"embedding usage (of {self.cfg.model.embed_dim} dims)")
+        ax_emb.grid(alpha=0.3)
+        if ax_emb.lines:
+            ax_emb.legend()
+        fig.tight_layout()
+        path = self.dir / "curves.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return [path]
+
+    def summary(self) -> str:
+        """The last evaluated round as a small table."""
+        evaluated = [r for r in self.rows if _present(r.get("zacc_weighted"))
+                     or _present(r.get("pacc_weighted"))]
+        last = evaluated[-1] if evaluated else (self.rows[-1] if self.rows else {})
+        lines = [f"run {self.cfg.run.name} ({self.cfg.run.method}, {self.cfg.data.dataset}/"
+                 f"{self.cfg.model.target}), round {last.get('round', '-')}:"]
+        for label, key, spread in (
+            ("zACC held-out (weighted)", "zacc_weighted", "zacc_std"),
+            ("zACC mean over clients", "zacc_mean", None),
+            ("zACC 10th / 90th pct", "zacc_p10", "zacc_p90"),
+            ("gACC global test", "gacc", None),
+            ("pACC participants", "pacc_weighted", "pacc_std"),
+            ("gap pACC - zACC", "gap", None),
+        ):
+            value = last.get(key)
+            if not _present(value):
+                continue
+            text = f"{100 * value:6.2f}"
+            if spread and _present(last.get(spread)):
+                sep = " / " if key.endswith("p10") else " +- "
+                text += f"{sep}{100 * last[spread]:.2f}"
+            lines.append(f"  {label:<26} {text}")
+        if _present(last.get("elapsed_s")):
+            lines.append(f"  {'wall time':<26} {last['elapsed_s']:6.1f} s")
+        lines.append(f"  results in {self.dir}")
+        return "\n".join(lines)
+
+
+def _present(value: Any) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
+def _csv_value(value: Any) -> Any:
+    if not _present(value):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return value

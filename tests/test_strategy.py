@@ -1,0 +1,126 @@
+"""HyperFedZeroStrategy on hand-made replies: key filter, non-finite drop, roles, momentum."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+
+from hfz_app.federation.inprocess import InProcessGrid, _set_task_identity
+from hfz_app.federation.roles import ZEROSHOT_MESSAGE_TYPE, Roles
+from hfz_app.federation.strategy import HyperFedZeroStrategy
+
+SHARED = ["f.weight", "h.out"]
+ROLES = Roles(participants=(11, 12, 13), heldout=(21,), partition_of={11: 0, 12: 1, 13: 2, 21: 3})
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> None:
+    _set_task_identity()
+
+
+def arrays(value: float, keys=SHARED) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.full((2, 3), value, dtype=np.float32)) for k in keys})
+
+
+def reply(node: int, arrays_: ArrayRecord, n: int = 10) -> Message:
+    request = Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
+    content = RecordDict({"arrays": arrays_,
+                          "metrics": MetricRecord({"train_loss": 1.0, "num-examples": n})})
+    return Message(content, reply_to=request)
+
+
+def strategy(**kwargs) -> HyperFedZeroStrategy:
+    return HyperFedZeroStrategy(SHARED, ROLES, num_rounds=4, **kwargs)
+
+
+def test_averages_valid_replies_weighted_by_examples() -> None:
+    agg, metrics = strategy().aggregate_train(1, [reply(11, arrays(1.0), 10),
+                                                  reply(12, arrays(4.0), 30)])
+    assert agg is not None and set(agg) == set(SHARED)
+    np.testing.assert_allclose(agg["f.weight"].numpy(), 3.25)
+    assert metrics["train_loss"] == pytest.approx(1.0)
+
+
+def test_foreign_key_and_non_finite_replies_are_dropped(caplog) -> None:
+    s = strategy()
+    foreign = arrays(100.0, SHARED + ["personal.bn.running_mean"])
+    bad = arrays(1.0)
+    bad["h.out"] = Array(np.full((2, 3), np.nan, dtype=np.float32))
+    missing = arrays(100.0, SHARED[:1])
+    with caplog.at_level("WARNING", logger="hfz_app"):
+        agg, _ = s.aggregate_train(1, [reply(11, arrays(2.0)), reply(12, foreign),
+                                       reply(13, bad), reply(13, missing)])
+    np.testing.assert_allclose(agg["f.weight"].numpy(), 2.0)  # only the valid reply counts
+    assert s.round_stats[1]["n_dropped"] == 3 and s.round_stats[1]["n_train_replies"] == 1
+    text = caplog.text
+    assert "foreign ['personal.bn.running_mean']" in text
+    assert "non-finite values in 'h.out'" in text
+    assert "missing ['h.out']" in text
+
+
+def test_all_replies_invalid_keeps_global_arrays() -> None:
+    agg, metrics = strategy().aggregate_train(1, [reply(11, arrays(np.inf))])
+    assert agg is None and metrics is None
+
+
+def test_trains_participants_only_and_evaluates_both_roles() -> None:
+    grid = InProcessGrid(client_app=None, node_configs={n: {} for n in (11, 12, 13, 21)},
+                         run_config={})
+    s = strategy(eval_every=2)
+    train = list(s.configure_train(1, arrays(0.0), ConfigRecord(), grid))
+    assert sorted(m.metadata.dst_node_id for m in train) == [11, 12, 13]
+    assert {m.metadata.message_type for m in train} == {MessageType.TRAIN}
+    assert train[0].content["config"]["server-round"] == 1
+    assert list(s.configure_evaluate(1, arrays(0.0), ConfigRecord(), grid)) == []
+    evaluate = list(s.configure_evaluate(2, arrays(0.0), ConfigRecord(), grid))
+    kinds = {m.metadata.dst_node_id: m.metadata.message_type for m in evaluate}
+    assert kinds == {11: MessageType.EVALUATE, 12: MessageType.EVALUATE,
+                     13: MessageType.EVALUATE, 21: ZEROSHOT_MESSAGE_TYPE}
+    assert list(s.configure_evaluate(3, arrays(0.0), ConfigRecord(), grid)) == []
+    assert len(list(s.configure_evaluate(4, arrays(0.0), ConfigRecord(), grid))) == 4  # last
+
+
+def test_fraction_train_samples_deterministically() -> None:
+    grid = InProcessGrid(client_app=None, node_configs={}, run_config={})
+    picks = [
+        [m.metadata.dst_node_id for m in strategy(fraction_train=0.5, seed=3)
+         .configure_train(r, arrays(0.0), ConfigRecord(), grid)]
+        for r in (1, 1, 2)
+    ]
+    assert len(picks[0]) == 1 and picks[0] == picks[1]
+
+
+def test_global_arrays_with_foreign_keys_are_refused() -> None:
+    grid = InProcessGrid(client_app=None, node_configs={}, run_config={})
+    with pytest.raises(ValueError, match="exactly the shared keys"):
+        strategy().configure_train(1, arrays(0.0, SHARED + ["x"]), ConfigRecord(), grid)
+
+
+def test_server_momentum_follows_fedavgm() -> None:
+    s = strategy(server_momentum=0.5)
+    grid = InProcessGrid(client_app=None, node_configs={}, run_config={})
+    s.configure_train(1, arrays(1.0), ConfigRecord(), grid)
+    agg, _ = s.aggregate_train(1, [reply(11, arrays(0.0))])
+    np.testing.assert_allclose(agg["f.weight"].numpy(), 0.0)  # v = 1, theta = 1 - 1
+    s.configure_train(2, agg, ConfigRecord(), grid)
+    agg, _ = s.aggregate_train(2, [reply(11, arrays(-1.0))])
+    np.testing.assert_allclose(agg["f.weight"].numpy(), -1.5)  # v = 0.5 + 1, theta = 0 - 1.5
+
+
+def test_evaluation_summary_per_role() -> None:
+    s = strategy()
+
+    def eval_reply(node: int, acc: float, n: int) -> Message:
+        request = Message(RecordDict(), dst_node_id=node, message_type=MessageType.EVALUATE)
+        return Message(RecordDict({"metrics": MetricRecord(
+            {"accuracy": acc, "loss": 0.5, "num-examples": n, "partition-id": node})}),
+            reply_to=request)
+
+    summary = s.aggregate_evaluate(4, [eval_reply(11, 0.9, 100), eval_reply(12, 0.7, 300),
+                                       eval_reply(21, 0.6, 50)])
+    assert summary["pacc_weighted"] == pytest.approx(0.75)
+    assert summary["pacc_mean"] == pytest.approx(0.8)
+    assert summary["zacc_weighted"] == pytest.approx(0.6)
+    assert summary["gap"] == pytest.approx(0.15)
+    assert [c["partition-id"] for c in s.client_metrics[4]["heldout"]] == [21]
