@@ -33,11 +33,12 @@ def describe(federation: Federation, png_path: str | Path | None = None) -> str:
     many = federation.num_classes > MAX_LISTED_CLASSES
     label_head = "classes present / top-3" if many else "label counts " + " ".join(
         federation.class_names[:MAX_LISTED_CLASSES])
+    header = (f"{federation.dataset}: {federation.num_participants} participants + "
+              f"{federation.num_heldout} held out, {federation.num_classes} classes, input "
+              f"{'x'.join(map(str, federation.input_shape))}, seed {federation.seed}, "
+              f"alpha_dir {federation.cfg.alpha_dir}")
     lines = [
-        f"{federation.dataset}: {federation.num_participants} participants + "
-        f"{federation.num_heldout} held out, {federation.num_classes} classes, input "
-        f"{'x'.join(map(str, federation.input_shape))}, seed {federation.seed}, "
-        f"alpha_dir {federation.cfg.alpha_dir}",
+        header,
         f"{'client':>6} {'role':<8} {'n_train':>7} {'n_test':>6} {'eff_cls':>7}  {label_head}",
     ]
     for pid in range(federation.num_clients):
@@ -65,10 +66,10 @@ def describe(federation: Federation, png_path: str | Path | None = None) -> str:
 
 
 def plot_heatmap(federation: Federation, counts: np.ndarray, path: Path) -> None:
-    import matplotlib  # noqa: PLC0415
+    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     n_clients, n_classes = counts.shape
     fig, ax = plt.subplots(figsize=(min(2 + 0.35 * n_classes, 16), min(1.5 + 0.3 * n_clients, 20)))
@@ -91,10 +92,10 @@ def plot_heatmap(federation: Federation, counts: np.ndarray, path: Path) -> None
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hfz_app.config import ConfigError, load_config  # noqa: PLC0415
-    from hfz_app.data.federation import build_federation  # noqa: PLC0415
-    from hfz_app.launch import parse_overrides  # noqa: PLC0415
-    from hfz_app.outputs import resolve_output_root  # noqa: PLC0415
+    from hfz_app.config import ConfigError, load_config
+    from hfz_app.data.federation import build_federation
+    from hfz_app.launch import parse_overrides
+    from hfz_app.outputs import resolve_output_root
 
     parser = argparse.ArgumentParser(prog="python -m hfz_app.data.describe",
                                      description="Print the clients' data and plot a heatmap.")

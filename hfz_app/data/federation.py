@@ -68,13 +68,13 @@ def _offline_imports() -> tuple[type, type]:
         saved = {k: os.environ.get(k) for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")}
         os.environ.update({k: v or "1" for k, v in saved.items()})
         try:
-            import datasets  # noqa: F401, PLC0415 - heavy import, only needed here
+            import datasets  # noqa: F401 - heavy import, only needed here
         finally:
             for key, value in saved.items():
                 if value is None:
                     os.environ.pop(key, None)
-    from datasets import Dataset  # noqa: PLC0415
-    from flwr_datasets.partitioner import DirichletPartitioner  # noqa: PLC0415
+    from datasets import Dataset
+    from flwr_datasets.partitioner import DirichletPartitioner
 
     return Dataset, DirichletPartitioner
 

@@ -37,16 +37,16 @@ def draw_shift(cfg: ShiftSection, seed: int, partition_id: int) -> dict[str, flo
 
 
 def rotate(x: torch.Tensor, degrees: float) -> torch.Tensor:
-    """Rotate every image by the same angle about its centre (bilinear, zero fill).
+    """Rotate every image counter-clockwise by ``degrees`` about its centre (bilinear, zero fill).
 
     One angle for all: the batch is folded into channels, so a single sampling grid serves all.
     """
     if degrees == 0 or x.numel() == 0:
         return x
     n, c, h, w = x.shape
-    rad = math.radians(degrees)
-    theta = torch.tensor([[[math.cos(rad), -math.sin(rad), 0.0],
-                           [math.sin(rad), math.cos(rad), 0.0]]], dtype=x.dtype)
+    cos, sin = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    # affine_grid works in [-1, 1] coordinates: rescale so non-square images rotate rigidly.
+    theta = torch.tensor([[[cos, -sin * h / w, 0.0], [sin * w / h, cos, 0.0]]], dtype=x.dtype)
     grid = F.affine_grid(theta, [1, n * c, h, w], align_corners=False)
     out = F.grid_sample(x.reshape(1, n * c, h, w), grid, mode="bilinear",
                         padding_mode="zeros", align_corners=False)

@@ -187,7 +187,7 @@ def _write_cache(path: Path, arrays: DatasetArrays) -> None:
 
 def read_idx(path: Path) -> np.ndarray:
     """An idx file (the MNIST format), gzipped or not, as a numpy array of its declared shape."""
-    raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise DataSourceError(f"{path}: not an unsigned-byte idx file (bad magic number)")
     ndim = raw[3]
@@ -265,7 +265,7 @@ def _mnist_pickle_bytes(data_dir: str) -> bytes:
                 return zf.read(MNIST_PICKLE)
     spec = importlib.util.find_spec("mnist")
     if spec is not None and spec.submodule_search_locations:
-        candidate = Path(list(spec.submodule_search_locations)[0]) / "data" / "mnist.pkl.gz"
+        candidate = Path(next(iter(spec.submodule_search_locations))) / "data" / "mnist.pkl.gz"
         if candidate.exists():
             return candidate.read_bytes()
     raise DataSourceError(
@@ -440,7 +440,7 @@ def load_hub(name: str, spec: HubSpec) -> DatasetArrays:
             f"offline, save the arrays as an .npz (x_train, y_train, x_test, y_test) or idx files "
             f"and use data.dataset=folder data.data_dir=<path>"
         )
-    import datasets  # noqa: PLC0415 - heavy, and only online sources need it
+    import datasets  # heavy, and only online sources need it
 
     if datasets.config.HF_HUB_OFFLINE:
         raise DataSourceError(
