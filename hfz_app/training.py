@@ -56,7 +56,7 @@ def train_epochs(
                 after_step()
             n = len(idx)
             seen += n
-            totals["train_loss"] = totals.get("train_loss", 0.0) + float(loss) * n
+            totals["train_loss"] = totals.get("train_loss", 0.0) + loss.item() * n
             for key, value in parts.items():
                 totals[key] = totals.get(key, 0.0) + float(value) * n
     return {key: value / max(seen, 1) for key, value in totals.items()}

@@ -1,0 +1,49 @@
+"""HyperFedZero: the target network's weights generated from each input's distribution embedding.
+
+The model is :class:`hfz_app.hyper.HyperFedZeroModel` around a zoo target; the shared arrays are
+its extractor, noise head, hypernetwork (with chunk embeddings), residual base and backbone; BN
+statistics stay local. A held-out client runs the frozen modules on its own inputs: the weights
+follow its data with no labels and no gradient step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hfz_app.evaluation.metrics import EMBED_MEAN_KEY
+from hfz_app.hyper import build_model, embedding_stats
+from hfz_app.methods.base import Method
+
+
+class HyperFedZeroMethod(Method):
+    name = "hyperfedzero"
+
+    def build_model(self) -> nn.Module:
+        return build_model(self.cfg.model, self.input_shape, self.num_classes)
+
+    def shared_keys(self, model: nn.Module) -> list[str]:
+        return model.shared_keys()
+
+    def personal_keys(self, model: nn.Module) -> list[str]:
+        return model.personal_keys()
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+        output = model(x)
+        loss, parts = model.loss(output, y)
+        usage = embedding_stats(output.embedding.detach())["embed_usage"]
+        return loss, {f"train_{k}": float(v) for k, v in parts.items()} | {
+            "train_embed_usage": usage}
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        return model.param_groups(self.cfg.train.lr, self.cfg.train)
+
+    def predict(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return model(x).logits
+
+    def diagnostics(self, model: nn.Module, x: torch.Tensor) -> dict[str, float | list[float]]:
+        """Collapse diagnostics of this client's embeddings and their mean (for the distance
+        between clients' mean embeddings on the server)."""
+        embeddings = torch.cat([model.embed(x[i : i + 1024]) for i in range(0, len(x), 1024)])
+        return embedding_stats(embeddings) | {
+            EMBED_MEAN_KEY: [float(v) for v in embeddings.mean(0)]}

@@ -1,0 +1,36 @@
+"""A real `flwr run` in local simulation (own SuperLink, Ray backend) on the tiny preset."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_flwr_run_tiny_completes(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "hfz_app.launch", "--preset", "tiny",
+         "-c", f'run.output_dir="{tmp_path}"'],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "completed" in proc.stdout
+    with (tmp_path / "tiny" / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["round"]) for r in rows] == [0, 1, 2]
+    assert rows[-1]["zacc_weighted"] != ""
+
+
+def test_bad_override_fails_fast_with_one_line() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "hfz_app.launch", "--preset", "tiny", "-c", "train.lr=-1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: train.lr: expected a value > 0, got -1.0"
