@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="mnist_mlp", help="name in conf/ or a .yaml path")
     parser.add_argument("-c", "--run-config", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (repeatable), e.g. -c run.rounds=5")
-    parser.add_argument("--cpus-per-client", type=float, default=1.0,
+    parser.add_argument("--cpus-per-client", type=int, default=1,
                         help="Ray CPUs per ClientApp actor (1 on a 2-core box: 2 in parallel)")
     parser.add_argument("--keep-home", action="store_true", help="keep the temporary FLWR_HOME")
     args = parser.parse_args(argv)
