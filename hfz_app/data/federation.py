@@ -24,6 +24,9 @@ from hfz_app.config import DataSection, ShiftSection
 from hfz_app.data.shift import apply_shift, draw_shift
 from hfz_app.data.sources import DatasetArrays, load_dataset
 
+# Keep every client's tensors when the whole float32 train split fits in this; else a few.
+CLIENT_CACHE_BYTES = 2 * 2**30
+
 # Independent random streams derived from the run seed, one per decision.
 _SUBSAMPLE, _POOLS, _DIRICHLET_P, _DIRICHLET_H, _LOCAL, _TEST = range(6)
 
@@ -138,8 +141,7 @@ class Federation:
     """The clients of one run: partition ids 0..N-1 participate, N..N+M-1 are held out."""
 
     def __init__(self, arrays: DatasetArrays, cfg: DataSection, seed: int,
-                 train_rows: list[np.ndarray], test_rows: list[np.ndarray],
-                 client_cache_size: int = 32) -> None:
+                 train_rows: list[np.ndarray], test_rows: list[np.ndarray]) -> None:
         self.arrays, self.cfg, self.seed = arrays, cfg, seed
         self.dataset = arrays.name
         self.num_classes = arrays.num_classes
@@ -149,7 +151,10 @@ class Federation:
         self.num_heldout = cfg.num_heldout
         self.num_clients = cfg.num_participants + cfg.num_heldout
         self._train_rows, self._test_rows = train_rows, test_rows
-        self._client = functools.lru_cache(maxsize=client_cache_size)(self._make_client)
+        # An in-process run visits every client each round: an LRU smaller than that would miss
+        # on every call, so keep them all unless the data is large.
+        fits = arrays.x_train.nbytes * 4 <= CLIENT_CACHE_BYTES
+        self._client = functools.lru_cache(maxsize=None if fits else 8)(self._make_client)
         self._global_test: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __repr__(self) -> str:
