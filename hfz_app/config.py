@@ -94,8 +94,14 @@ class ModelSection:
     chunk_embed_dim: int = field(default=8, metadata=_check(min=1))
     hidden: str = "64"  # hypernetwork hidden widths, comma-separated
     extractor_hidden: int = field(default=64, metadata=_check(min=1))
+    # Extractor trunk: "cnn" (2-layer CNN), "mlp", or "auto": the CNN for convolutional targets on
+    # images with H, W >= 16, else the MLP. The MLP target gets the MLP trunk under "auto" because
+    # on CPU the CNN trunk costs ~4x the 784-64 MLP trunk (fwd+bwd, batch 64), more than the plain
+    # MLP's whole training step (docs/benchmarks/step_time.md).
+    extractor: Literal["auto", "cnn", "mlp"] = "auto"
     residual: bool = True
     factorised: bool = True
+    compile: bool = False  # torch.compile the forward (fused factorised kernels); off: compile time
     alpha: float = field(default=0.01, metadata=_check(min=0))  # balancing penalty weight
     beta: float = field(default=0.0, metadata=_check(min=0))  # sharpness (entropy) weight
 

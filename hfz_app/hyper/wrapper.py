@@ -1,0 +1,294 @@
+"""HyperFedZeroModel: any target network + distribution extractor + chunked hypernetwork.
+
+The wrapper deep-copies the target and swaps its generated ``nn.Linear``/``nn.Conv2d`` instances
+for proxies (:mod:`hfz_app.hyper.layers`); the target's class is untouched and the rest of it is
+an ordinary shared backbone. A forward pass:
+
+1. ``e = NoisyEmbed(x)`` [B, d] (or the caller's ``embedding``);
+2. granularity ``sample``: one weight set per sample (G = B); ``batch``: ``e`` averaged over the
+   batch, one weight set (G = 1);
+3. conditioning ``param`` (Opt.2): the hypernetwork produces the G weight sets, the proxies apply
+   them (materialised or factorised); ``input`` (Opt.1): the target is trained directly and its
+   first ``nn.Linear`` sees ``[x ; e]`` (concatenation at the first linear layer works for every
+   target, and a fixed ``e`` folds into that layer's bias, so ``generate`` stays exact).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from hfz_app.config import ModelSection, TrainSection
+from hfz_app.hyper.extractor import DistributionExtractor, NoisyEmbed
+from hfz_app.hyper.hypernet import ChunkedHypernetwork
+from hfz_app.hyper.layers import (
+    EmbedConcatLinear,
+    GeneratedConv2d,
+    GeneratedLinear,
+    select_generated,
+)
+from hfz_app.hyper.penalty import hfz_loss
+
+
+class HFZOutput(NamedTuple):
+    """``logits`` [B, classes]; ``embedding`` [B, d]: per-sample ``e`` (the penalty's input)."""
+
+    logits: Tensor
+    embedding: Tensor
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+class HyperFedZeroModel(nn.Module):
+    """HyperFedZero around ``target`` (never modified: the wrapper works on a deep copy).
+
+    Submodules: ``noisy_embed`` (NoisyEmbed with ``noisy_embed.extractor``, the ``f`` and ``noisy`` heads),
+    ``hyper`` (the chunked hypernetwork; absent with ``conditioning: input``), ``target`` (the copy
+    with proxies; its remaining parameters are the backbone, and with ``residual`` the proxies'
+    own weights are the shared base).
+    """
+
+    def __init__(
+        self,
+        target: nn.Module,
+        input_shape: tuple[int, int, int],
+        num_classes: int,
+        cfg: ModelSection | None = None,
+    ) -> None:
+        super().__init__()
+        cfg = cfg or ModelSection()
+        self.cfg, self.input_shape, self.num_classes = cfg, tuple(input_shape), num_classes
+        self.embed_dim = cfg.embed_dim
+        kind = cfg.extractor
+        if kind == "auto":  # the CNN only where the target itself is convolutional (config.py)
+            conv = any(isinstance(m, nn.Conv2d) for m in target.modules())
+            kind = "cnn" if conv and min(self.input_shape[1:]) >= 16 else "mlp"
+        extractor = DistributionExtractor(
+            self.input_shape, cfg.embed_dim, cfg.extractor_hidden, cfg.noisy_embed, kind
+        )
+        self.noisy_embed = NoisyEmbed(
+            extractor,
+            cfg.embed_dim,
+            noisy=cfg.noisy_embed,
+            noise_at_eval=cfg.noise_at_eval,
+            uniform=cfg.embedding == "uniform",
+        )
+        self.target = copy.deepcopy(target)
+        self.hyper: ChunkedHypernetwork | None = None
+        self._proxies: list[nn.Module] = []
+        if cfg.conditioning == "input":
+            first = next(
+                (n for n, m in self.target.named_modules() if isinstance(m, nn.Linear)), None
+            )
+            if first is None:
+                raise ValueError("model.conditioning: 'input' needs an nn.Linear in the target")
+            proxy = EmbedConcatLinear(self.target.get_submodule(first), cfg.embed_dim)
+            _set_submodule(self.target, first, proxy)
+            self._proxies = [proxy]
+        elif cfg.conditioning == "param":
+            specs = select_generated(self.target, cfg.generate)
+            for s in specs:
+                layer = self.target.get_submodule(s.name)
+                cls = GeneratedLinear if s.kind == "linear" else GeneratedConv2d
+                proxy = cls(s, layer, cfg.residual)
+                _set_submodule(self.target, s.name, proxy)
+                self._proxies.append(proxy)
+            self.hyper = ChunkedHypernetwork(
+                specs,
+                cfg.embed_dim,
+                cfg.hidden_widths(),
+                cfg.chunk_embed_dim,
+                cfg.chunk_layout,
+                cfg.chunk_size,
+                cfg.residual,
+            )
+        else:
+            raise ValueError(
+                f"model.conditioning: expected param or input, got {cfg.conditioning!r}"
+            )
+        # Factorised applies to the row layout; flat chunks cut across rows, so flat materialises.
+        self.factorised = cfg.factorised and cfg.chunk_layout == "row"
+        if cfg.compile:
+            for proxy in self._proxies:
+                proxy.mulsum = True
+
+    # -- forward -------------------------------------------------------------------------------
+
+    def forward(self, x: Tensor, embedding: Tensor | None = None) -> HFZOutput:
+        """Logits and per-sample embeddings for inputs ``x`` [B, C, H, W].
+
+        ``embedding``: use this instead of the extractor (e.g. pooled over a client's unlabelled
+        data): [d] or [1, d] gives one weight set for the whole batch, [B, d] one per sample; the
+        granularity setting does not apply to it. The returned ``embedding`` is then the given one
+        broadcast to [B, d].
+        """
+        if embedding is not None:
+            embedding = embedding.reshape(1, -1) if embedding.dim() == 1 else embedding
+            d, bsz = self.embed_dim, x.shape[0]
+            if (
+                embedding.dim() != 2
+                or embedding.shape[1] != d
+                or embedding.shape[0] not in (1, bsz)
+            ):
+                raise ValueError(
+                    f"embedding: expected [{d}], [1, {d}] or [{bsz}, {d}], "
+                    f"got {list(embedding.shape)}"
+                )
+        if self.cfg.compile:
+            return _compiled_forward()(self, x, embedding)
+        return self._forward(x, embedding)
+
+    def _forward(self, x: Tensor, embedding: Tensor | None) -> HFZOutput:
+        if embedding is None:
+            e = self.noisy_embed(x)
+            e_gen = e.mean(0, keepdim=True) if self.cfg.granularity == "batch" else e
+        else:
+            e_gen, e = embedding, embedding.expand(x.shape[0], -1)
+        return HFZOutput(self._apply_target(x, e_gen), e)
+
+    def _apply_target(self, x: Tensor, e_gen: Tensor) -> Tensor:
+        if self.hyper is None:
+            gens: list[Any] = [e_gen]
+        elif self.factorised:
+            gens = self.hyper.factorised(e_gen)
+        else:
+            gens = self.hyper.materialise(e_gen)
+        for proxy, gen in zip(self._proxies, gens):
+            proxy.gen = gen
+        try:
+            return self.target(x)
+        finally:
+            for proxy in self._proxies:
+                proxy.gen = None
+
+    def embed(self, x: Tensor) -> Tensor:
+        """Per-sample embeddings ``e`` [B, d] (noise follows the train/eval mode)."""
+        return self.noisy_embed(x)
+
+    def loss(self, output: HFZOutput, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Cross-entropy + ``alpha`` * balancing + ``beta`` * sharpness; parts are detached."""
+        return hfz_loss(output.logits, y, output.embedding, self.cfg.alpha, self.cfg.beta)
+
+    # -- optimisation and federation -----------------------------------------------------------
+
+    def param_groups(
+        self, lr: float, train_cfg: TrainSection | None = None
+    ) -> list[dict[str, Any]]:
+        """Optimiser groups: hypernetwork output layers at ``lr * hyper_output_lr_scale``
+        (each of their entries moves many generated values: Adam moves generated weights 17-20x
+        faster than ordinary ones), the extractor at ``lr * extractor_lr_scale``, the rest at ``lr``.
+        """
+        train_cfg = train_cfg or TrainSection()
+        out = [
+            p for m in (self.hyper.output_layers() if self.hyper else []) for p in m.parameters()
+        ]
+        ext = list(self.noisy_embed.parameters())
+        taken = {id(p) for p in out + ext}
+        rest = [p for p in self.parameters() if id(p) not in taken]
+        groups = [
+            {"name": "hyper_output", "params": out, "lr": lr * train_cfg.hyper_output_lr_scale},
+            {"name": "extractor", "params": ext, "lr": lr * train_cfg.extractor_lr_scale},
+            {"name": "base", "params": rest, "lr": lr},
+        ]
+        return [g for g in groups if g["params"]]
+
+    def personal_keys(self) -> list[str]:
+        """State-dict keys that never leave the client: BatchNorm running statistics.
+
+        They describe the client's own feature distribution (SPEC.md: "local BN statistics" stay
+        local). A model that has never seen a client's data (e.g. the server's copy) therefore
+        normalises with its initial statistics; evaluate such targets after re-estimating the
+        statistics on the client's unlabelled inputs, or in train-mode BN.
+        """
+        keys = []
+        for name, m in self.named_modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+                keys += [f"{name}.{b}" for b, _ in m.named_buffers(recurse=False)]
+        return keys
+
+    def shared_keys(self) -> list[str]:
+        """State-dict keys averaged by the server: extractor and noise head, hypernetwork (with
+        chunk embeddings and, in the flat layout, its constant ``scale`` buffer), residual base,
+        backbone (everything but :meth:`personal_keys`)."""
+        personal = set(self.personal_keys())
+        return [k for k in self.state_dict() if k not in personal]
+
+    # -- export --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, embedding: Tensor) -> dict[str, Tensor]:
+        """One plain weight set for a single embedding [d]: a full state dict of the bare target
+        (including backbone and BatchNorm statistics) that ``load_state_dict`` accepts.
+        """
+        e = embedding.detach().reshape(1, -1)
+        if e.shape[1] != self.embed_dim:
+            raise ValueError(f"embedding: expected [{self.embed_dim}], got {list(embedding.shape)}")
+        sd = {k: v.detach().clone() for k, v in self.target.state_dict().items()}
+        if self.hyper is None:
+            (proxy,) = self._proxies
+            name = next(n for n, m in self.target.named_modules() if m is proxy)
+            sd.pop(f"{name}.embed_weight")
+            extra = (proxy.embed_weight @ e[0]).to(sd[f"{name}.weight"].dtype)
+            if f"{name}.bias" in sd:
+                sd[f"{name}.bias"] = sd[f"{name}.bias"] + extra
+            elif extra.abs().max() > 0:
+                raise ValueError("generate: input conditioning needs a bias on the first nn.Linear")
+            return sd
+        for spec, proxy, gen in zip(self.hyper.specs, self._proxies, self.hyper.materialise(e)):
+            for leaf, value in (("weight", gen.weight), ("bias", gen.bias)):
+                if value is None:
+                    continue
+                own = getattr(proxy, leaf)
+                sd[f"{spec.name}.{leaf}"] = value[0] + (own if own is not None else 0)
+        return sd
+
+    def parameter_counts(self) -> dict[str, int]:
+        """|f| (extractor + noise head), |h| (hypernetwork), |c| (target parameters held here:
+        backbone + residual base) and ``target_plain`` (the bare target's own parameter count)."""
+
+        def count(m: nn.Module | None) -> int:
+            return sum(p.numel() for p in m.parameters()) if m is not None else 0
+
+        plain = sum(v.numel() for k, v in self.generate_shapes().items())
+        return {
+            "extractor": count(self.noisy_embed),
+            "hyper": count(self.hyper),
+            "target": count(self.target),
+            "target_plain": plain,
+        }
+
+    def generate_shapes(self) -> dict[str, torch.Size]:
+        """Shapes of the bare target's parameters (what :meth:`generate` fills)."""
+        shapes = {n: p.shape for n, p in self.target.named_parameters()}
+        if self.hyper is None:
+            shapes = {n: s for n, s in shapes.items() if not n.endswith(".embed_weight")}
+        else:
+            for s in self.hyper.specs:
+                shapes[f"{s.name}.weight"] = torch.Size(s.weight_shape)
+                if s.gen_bias:
+                    shapes[f"{s.name}.bias"] = torch.Size([s.rows])
+        return shapes
+
+
+@functools.cache
+def _compiled_forward() -> Any:
+    """One ``torch.compile`` of the unbound forward, shared by all instances: a compiled bound
+    method stored on the module would survive ``copy.deepcopy`` pointing at the original."""
+    return torch.compile(HyperFedZeroModel._forward)
+
+
+def build_model(
+    cfg: ModelSection, input_shape: tuple[int, int, int], num_classes: int
+) -> HyperFedZeroModel:
+    """The zoo target ``cfg.target`` wrapped as a HyperFedZero model."""
+    from hfz_app.models import build_target
+
+    target = build_target(cfg.target, input_shape, num_classes)
+    return HyperFedZeroModel(target, input_shape, num_classes, cfg)
