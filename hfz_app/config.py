@@ -127,7 +127,10 @@ class TrainSection:
     lr: float = field(default=0.05, metadata=_check(gt=0))
     momentum: float = field(default=0.9, metadata=_check(min=0, max=1))
     weight_decay: float = field(default=0.0, metadata=_check(min=0))
-    hyper_output_lr_scale: float = field(default=0.1, metadata=_check(gt=0))
+    # Each hypernetwork output-layer entry moves many generated values at once (SPEC: ~lr / (H *
+    # E|hid| + 1)). Measured on one MNIST client, SGD lr 0.05 momentum 0.9, one epoch: local
+    # accuracy 39.6% at 0.1, 90.5% at 0.01, 90.8% at 0.001 (plain MLP: 91.1%).
+    hyper_output_lr_scale: float = field(default=0.01, metadata=_check(gt=0))
     extractor_lr_scale: float = field(default=1.0, metadata=_check(gt=0))
     torch_threads: int = field(default=0, metadata=_check(min=0))  # 0: torch's default
 
