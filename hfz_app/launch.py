@@ -24,6 +24,8 @@ import urllib.request
 from pathlib import Path
 
 from hfz_app.config import ConfigError, load_config
+from hfz_app.data import DataSourceError, build_federation
+from hfz_app.data.describe import describe
 
 APP_DIR = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -91,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = parse_overrides(args.run_config)
         cfg = load_config(args.preset, overrides)
-    except ConfigError as err:
+        # Fails fast (one line) on missing data or an impossible split, and shows the clients.
+        print(describe(build_federation(cfg.data, cfg.run.seed)), flush=True)
+    except (ConfigError, DataSourceError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     num_nodes = cfg.data.num_participants + cfg.data.num_heldout

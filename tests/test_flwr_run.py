@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -34,3 +35,15 @@ def test_bad_override_fails_fast_with_one_line() -> None:
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: train.lr: expected a value > 0, got -1.0"
+
+
+def test_dataset_needing_internet_fails_fast_before_flower_starts() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "hfz_app.launch", "--preset", "emnist_mlp"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: emnist: needs internet")
+    assert "data.dataset=folder" in lines[0]
