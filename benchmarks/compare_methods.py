@@ -22,12 +22,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from client_app import app as client_app  # noqa: E402
-from hfz_app.config import load_config  # noqa: E402
-from hfz_app.federation.inprocess import (  # noqa: E402
-    full_run_config, run_inprocess, simulation_node_configs)
-from hfz_app.launch import parse_overrides  # noqa: E402
-from server_app import app as server_app  # noqa: E402
+from client_app import app as client_app
+from hfz_app.config import load_config
+from hfz_app.federation.inprocess import full_run_config, run_inprocess, simulation_node_configs
+from hfz_app.launch import parse_overrides
+from server_app import app as server_app
 
 METRICS = ("zacc_weighted", "gacc", "pacc_weighted")
 

@@ -32,6 +32,6 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
         return Checkpoint(int(payload["round"]), dict(payload["shared"]), dict(payload["config"]))
-    except Exception as err:  # torch raises many types for a damaged file
+    except Exception as err:  # noqa: BLE001 -- torch raises many types for a damaged file
         raise ValueError(f"checkpoint: {path} is not a HyperFedZero checkpoint ({type(err).__name__})") \
             from None

@@ -64,7 +64,7 @@ def free_port() -> int:
 
 def flwr(*args: str, env: dict[str, str], capture: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "flwr"), *args], env=env, text=True, cwd=APP_DIR,
-                          capture_output=capture)
+                          capture_output=capture, check=False)
 
 
 def wait_healthy(port: int, superlink: subprocess.Popen, timeout_s: float = 60.0) -> None:

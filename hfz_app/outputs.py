@@ -124,8 +124,8 @@ class RunOutputs:
         evaluated = [r for r in self.rows if _present(r.get("zacc_weighted"))
                      or _present(r.get("pacc_weighted"))]
         last = evaluated[-1] if evaluated else (self.rows[-1] if self.rows else {})
-        lines = [f"run {self.cfg.run.name} ({self.cfg.run.method}, {self.cfg.data.dataset}/"
-                 f"{self.cfg.model.target}), round {last.get('round', '-')}:"]
+        lines = [(f"run {self.cfg.run.name} ({self.cfg.run.method}, {self.cfg.data.dataset}/"
+                  f"{self.cfg.model.target}), round {last.get('round', '-')}:")]
         for label, key, spread in (
             ("zACC held-out (weighted)", "zacc_weighted", "zacc_std"),
             ("zACC mean over clients", "zacc_mean", None),

@@ -59,7 +59,7 @@ def test_only_shared_keys_are_sent(tiny_run) -> None:
 
 
 def test_personal_state_stays_in_context(tiny_run) -> None:
-    grid, sent, _ = tiny_run
+    _, sent, _ = tiny_run
     # The server never received personal arrays; whatever a node keeps lives in context.state.
     for message in sent:
         for key in message.content["arrays"].keys() if "arrays" in message.content else []:
@@ -105,7 +105,7 @@ def test_same_seed_same_metrics(tmp_path: Path, tiny_run) -> None:
 
 
 def test_fedavg_runs_through_the_same_app(tmp_path: Path) -> None:
-    _, sent, out_dir = run_tiny(tmp_path, **{"run.method": "fedavg"})
+    _, _, out_dir = run_tiny(tmp_path, **{"run.method": "fedavg"})
     with (out_dir / "metrics.csv").open() as f:
         last = list(csv.DictReader(f))[-1]
     assert last["zacc_weighted"] != "" and last["gacc"] != ""

@@ -5,7 +5,14 @@ from pathlib import Path
 
 import pytest
 
-from hfz_app.config import CONF_DIR, Config, ConfigError, from_run_config, load_config, run_config_keys
+from hfz_app.config import (
+    CONF_DIR,
+    Config,
+    ConfigError,
+    from_run_config,
+    load_config,
+    run_config_keys,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -18,7 +18,7 @@ def test_flwr_run_tiny_completes(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "hfz_app.launch", "--preset", "tiny",
          "-c", f'run.output_dir="{tmp_path}"'],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT, capture_output=True, text=True, check=False, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "completed" in proc.stdout
@@ -31,7 +31,7 @@ def test_flwr_run_tiny_completes(tmp_path: Path) -> None:
 def test_bad_override_fails_fast_with_one_line() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "hfz_app.launch", "--preset", "tiny", "-c", "train.lr=-1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        cwd=ROOT, capture_output=True, text=True, check=False, timeout=60,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: train.lr: expected a value > 0, got -1.0"
@@ -40,7 +40,7 @@ def test_bad_override_fails_fast_with_one_line() -> None:
 def test_dataset_needing_internet_fails_fast_before_flower_starts() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "hfz_app.launch", "--preset", "emnist_mlp"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT, capture_output=True, text=True, check=False, timeout=120,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert proc.returncode == 2

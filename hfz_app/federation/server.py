@@ -74,7 +74,7 @@ def progress_line(row: dict[str, Any], cfg: Config) -> str:
         parts[-1] += f" +- {100 * row['zacc_std']:.2f}"
     if "embed_usage_heldout" in row:
         parts.append(f"usage {row['embed_usage_heldout']:.1f}/{cfg.model.embed_dim}")
-    if "n_dropped" in row and row["n_dropped"]:
+    if row.get("n_dropped"):
         parts.append(f"dropped {int(row['n_dropped'])}")
     parts.append(f"{row['round_time_s']:.1f}s")
     return " | ".join(parts)
