@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import yaml
 
@@ -100,6 +101,9 @@ class ModelSection:
     # MLP's whole training step (docs/benchmarks/step_time.md).
     extractor: Literal["auto", "cnn", "mlp"] = "auto"
     residual: bool = True
+    # true: factorised forward wherever it costs fewer FLOPs than materialising per-sample weights
+    # (every Linear; convs with few output positions), materialised elsewhere; false: materialise
+    # everything. Both are exact (tests/test_factorised.py); row layout only.
     factorised: bool = True
     compile: bool = False  # torch.compile the forward (fused factorised kernels); off: compile time
     alpha: float = field(default=0.01, metadata=_check(min=0))  # balancing penalty weight

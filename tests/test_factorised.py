@@ -21,7 +21,7 @@ def _pair(m: HyperFedZeroModel, x: torch.Tensor, embedding=None, grads: bool = F
     """Outputs (and gradients) of the same model through both paths, same dropout draws."""
     res = []
     for factorised in (True, False):
-        m.factorised = factorised
+        m.apply_mode = "factorised" if factorised else "materialised"
         m.zero_grad()
         torch.manual_seed(123)
         out = m(x, embedding=embedding).logits
@@ -35,7 +35,7 @@ def _pair(m: HyperFedZeroModel, x: torch.Tensor, embedding=None, grads: bool = F
             )
         else:
             res.append((out.detach(), {}))
-    m.factorised = True
+    m.apply_mode = "auto"
     return res
 
 
@@ -88,6 +88,27 @@ def test_factorised_gradients_equal(target, shape) -> None:
     assert ga.keys() == gb.keys() and ga
     for name in ga:
         assert _rel(ga[name], gb[name]) <= 1e-4, name
+
+
+@pytest.mark.parametrize(("target", "shape"), [("lenet", MNIST), ("resnet20", CIFAR)])
+def test_auto_mixes_paths_and_matches(target, shape) -> None:
+    """``factorised: true`` (auto) factorises Linear layers and materialises big convs: exact."""
+    torch.manual_seed(0)
+    m = build_model(dataclasses.replace(ModelSection(), target=target, residual=False), shape, 10)
+    m.train()
+    x = torch.randn(4, *shape)
+    chosen = {}
+    for proxy in m._proxies:
+        orig = proxy._factorise_cheaper
+        proxy._factorise_cheaper = lambda x, g, p=proxy, o=orig: (
+            chosen.setdefault(p.spec.kind, set()).add(o(x, g)) or o(x, g)
+        )
+    assert m.apply_mode == "auto"
+    torch.manual_seed(123)
+    auto = m(x).logits.detach()
+    assert chosen["linear"] == {True} and False in chosen["conv2d"]
+    (_, _), (b, _) = _pair(m, x)
+    assert _rel(auto, b) <= TOL
 
 
 def test_explicit_embeddings_both_paths() -> None:

@@ -23,6 +23,10 @@ Intended use in a training loop::
     logits = model(x_client, embedding=e).logits
     plain = build_target(cfg.model.target, (1, 28, 28), 10)
     plain.load_state_dict(model.generate(e))
+
+Speed: ``model.factorised: true`` (default) applies generated weights factorised where that costs
+fewer FLOPs (Linear layers) and materialised elsewhere (convs); ``model.compile: true`` runs the
+forward under ``torch.compile``. Measurements: docs/benchmarks/step_time.md.
 """
 
 from hfz_app.hyper.diagnostics import embed_usage, embedding_spread, embedding_stats, mean_entropy

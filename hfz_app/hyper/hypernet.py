@@ -129,10 +129,9 @@ class ChunkedHypernetwork(nn.Module):
         return out
 
     def factorised(self, e: Tensor) -> list[Factorised | Materialised]:
-        """Per layer: the pieces of the factorised forward (row layout only).
-
-        A layer whose weight is not generated gets its (cheap) generated bias materialised.
-        """
+        """Per layer: the pieces from which a proxy either runs the factorised forward or
+        materialises its rows (row layout only). A layer whose weight is not generated gets its
+        (cheap) generated bias materialised here."""
         if self.layout != "row":
             raise ValueError("the factorised forward needs chunk_layout 'row'")
         pre_e, pre_cs = self._row_parts(e)

@@ -173,6 +173,9 @@ class _GeneratedLayer(nn.Module):
         self.bias = nn.Parameter(layer.bias.detach().clone()) if keep_b else None
         self.gen: Materialised | Factorised | None = None
         self.mulsum = False  # contraction as product + sum (set for torch.compile)
+        # how Factorised pieces are applied: "auto" (cheaper path by FLOP count), "factorised"
+        # or "materialised" (both exact; the wrapper sets it from the config)
+        self.mode = "auto"
 
     def forward(self, x: Tensor) -> Tensor:
         gen = self.gen
@@ -181,10 +184,34 @@ class _GeneratedLayer(nn.Module):
                 f"generated layer {self.spec.name!r} called outside HyperFedZeroModel.forward"
             )
         if isinstance(gen, Factorised):
-            return self._factorised(x, gen)
+            if self.mode == "factorised" or (
+                self.mode == "auto" and self._factorise_cheaper(x, gen)
+            ):
+                return self._factorised(x, gen)
+            gen = self._materialise(gen)
         return self._materialised(x, gen)
 
-    def _plain(self, x: Tensor) -> Tensor | None:  # pragma: no cover - overridden
+    def _materialise(self, gen: Factorised) -> Materialised:
+        """Row chunks [G, rows, row_len] from the factorised pieces, as weight and bias."""
+        s = self.spec
+        r = F.linear(row_hidden(gen.pre_e, gen.pre_c, gen.hidden), gen.out_weight, gen.out_bias)
+        w = r[..., : s.row_in].reshape(r.shape[0], *s.weight_shape)
+        return Materialised(w, r[..., s.row_in] if s.gen_bias else None)
+
+    def _factorise_cheaper(self, x: Tensor, gen: Factorised) -> bool:
+        """FLOP count per batch: factorised ``B*S*((H+1)*L + rows*H)`` against materialised
+        ``G*rows*L*H + B*S*rows*L`` (S: output positions per sample, L: row length).
+
+        Linear layers (S = 1) factorise; convolutions with many output positions materialise,
+        since their generated weights are reused S times per sample.
+        """
+        s, h = self.spec, gen.out_weight.shape[1]
+        bsz, g, n = x.shape[0], gen.pre_e.shape[0], self._positions(x)
+        fact = bsz * n * ((h + 1) * s.row_len + s.rows * h)
+        mat = g * s.rows * s.row_len * h + bsz * n * s.rows * s.row_len
+        return fact < mat
+
+    def _positions(self, x: Tensor) -> int:  # pragma: no cover - overridden
         raise NotImplementedError
 
     def _factorised(self, x: Tensor, gen: Factorised) -> Tensor:  # pragma: no cover
@@ -200,6 +227,9 @@ class _GeneratedLayer(nn.Module):
 
 class GeneratedLinear(_GeneratedLayer):
     """Stands in for an ``nn.Linear`` whose weight and/or bias are generated."""
+
+    def _positions(self, x: Tensor) -> int:
+        return x.numel() // (x.shape[0] * x.shape[-1]) if x.numel() else 1
 
     def _materialised(self, x: Tensor, gen: Materialised) -> Tensor:
         w = _combine(gen.weight, self.weight)
@@ -247,6 +277,14 @@ class GeneratedConv2d(_GeneratedLayer):
         super().__init__(spec, layer, residual)
         self.stride, self.padding = layer.stride, layer.padding
         self.dilation, self.groups = layer.dilation, layer.groups
+
+    def _positions(self, x: Tensor) -> int:
+        n = 1
+        for size, k, st, p, d in zip(
+            x.shape[2:], self.spec.weight_shape[2:], self.stride, self.padding, self.dilation
+        ):
+            n *= (size + 2 * p - d * (k - 1) - 1) // st + 1
+        return n
 
     def _conv(self, x: Tensor, w: Tensor, b: Tensor | None, groups: int) -> Tensor:
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, groups)

@@ -49,10 +49,13 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 class HyperFedZeroModel(nn.Module):
     """HyperFedZero around ``target`` (never modified: the wrapper works on a deep copy).
 
-    Submodules: ``noisy_embed`` (NoisyEmbed with ``noisy_embed.extractor``, the ``f`` and ``noisy`` heads),
-    ``hyper`` (the chunked hypernetwork; absent with ``conditioning: input``), ``target`` (the copy
-    with proxies; its remaining parameters are the backbone, and with ``residual`` the proxies'
-    own weights are the shared base).
+    Submodules: ``noisy_embed`` (NoisyEmbed; ``noisy_embed.extractor`` holds the trunk and the
+    ``f`` and ``noisy`` heads), ``hyper`` (the chunked hypernetwork; absent with ``conditioning:
+    input``), ``target`` (the copy with proxies; its remaining parameters are the backbone, and
+    with ``residual`` the proxies' own weights are the shared base).
+
+    Generated parameters: weights and biases of ``nn.Linear``/``nn.Conv2d`` layers only;
+    BatchNorm affine parameters stay ordinary backbone parameters.
     """
 
     def __init__(
@@ -114,10 +117,29 @@ class HyperFedZeroModel(nn.Module):
                 f"model.conditioning: expected param or input, got {cfg.conditioning!r}"
             )
         # Factorised applies to the row layout; flat chunks cut across rows, so flat materialises.
-        self.factorised = cfg.factorised and cfg.chunk_layout == "row"
+        self.apply_mode = "auto" if cfg.factorised else "materialised"
         if cfg.compile:
             for proxy in self._proxies:
                 proxy.mulsum = True
+
+    @property
+    def apply_mode(self) -> str:
+        """How row-layout layers apply their generated weights (all modes are exact):
+
+        ``auto`` (``factorised: true``): the factorised forward where it costs fewer FLOPs than
+        materialising (every Linear; convolutions with few output positions), materialised
+        elsewhere; ``materialised`` (``factorised: false``); ``factorised``: every layer
+        factorised (for tests and benchmarks).
+        """
+        return self._apply_mode
+
+    @apply_mode.setter
+    def apply_mode(self, mode: str) -> None:
+        if mode not in ("auto", "factorised", "materialised"):
+            raise ValueError(f"apply_mode: expected auto, factorised or materialised, got {mode!r}")
+        self._apply_mode = mode
+        for proxy in self._proxies:
+            proxy.mode = mode
 
     # -- forward -------------------------------------------------------------------------------
 
@@ -156,7 +178,7 @@ class HyperFedZeroModel(nn.Module):
     def _apply_target(self, x: Tensor, e_gen: Tensor) -> Tensor:
         if self.hyper is None:
             gens: list[Any] = [e_gen]
-        elif self.factorised:
+        elif self.hyper.layout == "row":
             gens = self.hyper.factorised(e_gen)
         else:
             gens = self.hyper.materialise(e_gen)
@@ -250,8 +272,9 @@ class HyperFedZeroModel(nn.Module):
         return sd
 
     def parameter_counts(self) -> dict[str, int]:
-        """|f| (extractor + noise head), |h| (hypernetwork), |c| (target parameters held here:
-        backbone + residual base) and ``target_plain`` (the bare target's own parameter count)."""
+        """``extractor`` = |f| (trunk + both heads), ``hyper`` = |h| (with chunk embeddings),
+        ``target`` (target parameters this model holds: backbone + residual base) and
+        ``target_plain`` = |c| (the bare target's own parameter count)."""
 
         def count(m: nn.Module | None) -> int:
             return sum(p.numel() for p in m.parameters()) if m is not None else 0
