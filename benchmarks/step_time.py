@@ -392,7 +392,8 @@ def notes(results: dict[str, list[Variant]]) -> list[str]:
             "factorised."
         ),
         (
-            "- ResNet-20: per-sample generation of every layer stays within 2x because `auto` "
+            "- ResNet-20: per-sample generation of every layer is far from the 2x goal (see the "
+            "numbers above; why is not yet profiled); `auto` "
             "materialises the wide early convs (one grouped convolution, weights generated once per "
             "sample and reused at every position) and factorises the late ones; all-factorised "
             "costs (hidden + 1) / out of each conv (4x for the 16-channel stage) and is far slower."
