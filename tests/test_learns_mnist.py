@@ -33,7 +33,7 @@ def test_hyperfedzero_mlp_learns_mnist() -> None:
     x = torch.from_numpy(data.x_train[idx.numpy()]).float().div_(255)
     y = torch.from_numpy(data.y_train[idx.numpy()]).long()
     x_test = torch.from_numpy(data.x_test.copy()).float().div_(255)
-    y_test = torch.from_numpy(data.y_test).long()
+    y_test = torch.from_numpy(data.y_test.copy()).long()
 
     cfg, train = ModelSection(), TrainSection()
     model = build_model(cfg, tuple(x.shape[1:]), 10)
