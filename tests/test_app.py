@@ -58,14 +58,6 @@ def test_only_shared_keys_are_sent(tiny_run) -> None:
         assert set(message.content["arrays"].keys()) == shared
 
 
-def test_personal_state_stays_in_context(tiny_run) -> None:
-    _, sent, _ = tiny_run
-    # The server never received personal arrays; whatever a node keeps lives in context.state.
-    for message in sent:
-        for key in message.content["arrays"].keys() if "arrays" in message.content else []:
-            assert not key.endswith(("running_mean", "running_var"))
-
-
 def test_metrics_files_hold_every_column(tiny_run) -> None:
     _, _, out_dir = tiny_run
     with (out_dir / "metrics.csv").open() as f:
