@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -18,7 +19,7 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Result
 
 from hfz_app.evaluation.metrics import summarise_evaluation
 from hfz_app.federation.roles import ZEROSHOT_MESSAGE_TYPE, Roles
@@ -59,10 +60,15 @@ class HyperFedZeroStrategy(FedAvg):
     ----------
     shared_keys : Sequence[str]
         The state-dict keys that are shared; any other key in a reply invalidates it.
-    roles : Roles
+    roles : Roles, optional
         Which node ids are participants and which are held out (see ``roles.discover_roles``).
-    num_rounds : int
-        Total rounds, so that the last round is always evaluated.
+        Omitted (``None``), as in an existing project that used FedAvg: every connected node
+        (``grid.get_node_ids()``, re-read at each configure step, waiting for
+        ``min_available_nodes``) is a participant, nothing is held out, and evaluation metrics
+        are aggregated as FedAvg does (sample-weighted mean of every reported key).
+    num_rounds : int, optional
+        Total rounds, so that the last round is always evaluated. Omitted: taken from
+        :meth:`start`'s ``num_rounds``.
     eval_every : int
         Evaluate every this many rounds.
     server_momentum, server_lr : float
@@ -76,9 +82,9 @@ class HyperFedZeroStrategy(FedAvg):
     def __init__(
         self,
         shared_keys: Sequence[str],
-        roles: Roles,
+        roles: Roles | None = None,
         *,
-        num_rounds: int,
+        num_rounds: int | None = None,
         eval_every: int = 1,
         server_momentum: float = 0.0,
         server_lr: float = 1.0,
@@ -90,8 +96,11 @@ class HyperFedZeroStrategy(FedAvg):
         kwargs.setdefault("min_available_nodes", 1)
         super().__init__(**kwargs)
         self.shared_keys = frozenset(shared_keys)
-        self.roles = roles
+        # roles=None: discover participants from the grid (no held-out nodes), FedAvg-style.
+        self.discover_roles = roles is None
+        self.roles = roles if roles is not None else Roles(participants=(), heldout=())
         self.num_rounds = num_rounds
+        self._num_rounds_from_start = num_rounds is None
         self.eval_every = eval_every
         self.server_momentum = server_momentum
         self.server_lr = server_lr
@@ -102,6 +111,24 @@ class HyperFedZeroStrategy(FedAvg):
         self.round_stats: dict[int, dict[str, float]] = {}
         self.client_metrics: dict[int, dict[str, list[dict[str, Any]]]] = {}
 
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
+              *args: Any, **kwargs: Any) -> Result:
+        """FedAvg's ``start``; also the default for ``num_rounds`` when the constructor had none."""
+        if self._num_rounds_from_start:
+            self.num_rounds = num_rounds
+        return super().start(grid, initial_arrays, num_rounds, *args, **kwargs)
+
+    def _refresh_roles(self, grid: Grid) -> None:
+        """Without given roles, every connected node is a participant (partition = rank of id)."""
+        if not self.discover_roles:
+            return
+        needed = max(self.min_available_nodes, self.min_train_nodes, 1)
+        while len(node_ids := sorted(grid.get_node_ids())) < needed:
+            log.info("waiting for nodes: %d of %d connected", len(node_ids), needed)
+            time.sleep(1.0)
+        self.roles = Roles(participants=tuple(node_ids), heldout=(),
+                           partition_of={n: i for i, n in enumerate(node_ids)})
+
     # -- training -------------------------------------------------------------------------------
 
     def configure_train(
@@ -109,6 +136,7 @@ class HyperFedZeroStrategy(FedAvg):
     ) -> Iterable[Message]:
         """Sample participants only; held-out nodes are never asked to train."""
         self._check_arrays(arrays)
+        self._refresh_roles(grid)
         participants = list(self.roles.participants)
         sample_size = max(int(len(participants) * self.fraction_train), self.min_train_nodes)
         sample_size = min(sample_size, len(participants))
@@ -140,6 +168,7 @@ class HyperFedZeroStrategy(FedAvg):
         stats["bytes_received"] = float(
             sum(msg.content[self.arrayrecord_key].count_bytes() for msg in kept)
         )
+        stats["bytes_received_per_client"] = stats["bytes_received"] / max(len(kept), 1)
         arrays, metrics = super().aggregate_train(server_round, kept)
         if arrays is not None and (self.server_momentum > 0 or self.server_lr != 1.0):
             arrays = self._server_step(arrays)
@@ -208,6 +237,7 @@ class HyperFedZeroStrategy(FedAvg):
         """pACC on every participant, zACC on every held-out node, on evaluation rounds."""
         if not self.is_eval_round(server_round):
             return []
+        self._refresh_roles(grid)
         config["server-round"] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return [
@@ -223,6 +253,12 @@ class HyperFedZeroStrategy(FedAvg):
         replies = list(replies)
         if not replies:
             return None
+        if self.discover_roles:  # an existing project's own metric keys: FedAvg's weighted mean
+            metrics = super().aggregate_evaluate(server_round, replies)
+            if metrics is not None:
+                self.round_stats.setdefault(server_round, {}).update(
+                    {k: float(v) for k, v in metrics.items() if not isinstance(v, list)})
+            return metrics
         per_role: dict[str, list[dict[str, Any]]] = {"participant": [], "heldout": []}
         for msg in replies:
             node = msg.metadata.src_node_id

@@ -1,0 +1,166 @@
+"""The few calls an existing Flower PyTorch project needs to switch to HyperFedZero.
+
+Server side, the strategy only ever holds the *shared* arrays; client side, a node loads them into
+its model, trains, and sends back exactly those keys, keeping its personal arrays (BatchNorm
+running statistics) in ``context.state``. These helpers make that a one-line change each::
+
+    model = hyperfedzero(Net(), input_shape=(1, 28, 28), num_classes=10)   # was: Net()
+    load_shared(model, msg.content["arrays"], context.state)   # was: model.load_state_dict(...)
+    ...train with HyperFedZeroLoss(model) and model.param_groups(lr)...
+    reply = shared_arrays(model, context.state)                # was: ArrayRecord(model.state_dict())
+
+Worked example: ``examples/existing-project/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, RecordDict
+from torch import Tensor, nn
+
+from hfz_app.config import ConfigError, ModelSection, _build
+from hfz_app.hyper.wrapper import HFZOutput, HyperFedZeroModel
+
+PERSONAL_RECORD = "hfz.personal"  # the context.state entry holding a node's personal arrays
+_NOT_OPTIONS = {"target": "the module you pass is the target"}
+
+
+def model_options() -> list[str]:
+    """The keyword options :func:`hyperfedzero` accepts (the ``model.`` config keys)."""
+    return sorted(f.name for f in dataclasses.fields(ModelSection) if f.name not in _NOT_OPTIONS)
+
+
+def hyperfedzero(
+    module: nn.Module,
+    input_shape: Sequence[int],
+    num_classes: int,
+    **options: Any,
+) -> HyperFedZeroModel:
+    """Wrap your own torch ``module`` (left unmodified) as a HyperFedZero model.
+
+    ``input_shape`` is one sample's ``(channels, height, width)`` (flat features: ``(1, 1, F)``);
+    ``options`` are the ``model.`` keys of the README's design table (``embed_dim=16``,
+    ``generate="head"``, ``alpha=0.01``...). An unknown or invalid option raises a one-line
+    :class:`~hfz_app.config.ConfigError` naming it. Every node must build the model with the same
+    options, since they fix the shared keys.
+    """
+    for name, why in _NOT_OPTIONS.items():
+        if name in options:
+            raise ConfigError(f"{name}: not an option of hyperfedzero() ({why})")
+    known = model_options()
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"{unknown[0]}: unknown option of hyperfedzero() (options: {', '.join(known)})"
+        )
+    if "hidden" in options and not isinstance(options["hidden"], str):  # 64 or (64, 64)
+        hidden = options["hidden"]
+        widths = hidden if isinstance(hidden, Sequence) else [hidden]
+        options = {**options, "hidden": ",".join(str(w) for w in widths)}
+    cfg = _build(ModelSection, options, "", "hyperfedzero() options")
+    cfg.hidden_widths()  # validates the comma-separated widths
+    shape = tuple(int(d) for d in input_shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ConfigError(
+            f"input_shape: expected (channels, height, width) of one sample, got {tuple(input_shape)}"
+            " (flat features: (1, 1, F))"
+        )
+    if int(num_classes) < 2:
+        raise ConfigError(f"num_classes: expected >= 2, got {num_classes}")
+    return HyperFedZeroModel(module, shape, int(num_classes), cfg)  # type: ignore[arg-type]
+
+
+class HyperFedZeroLoss(nn.Module):
+    """Drop-in for ``nn.CrossEntropyLoss()`` in a training loop: ``criterion(model(x), y)``.
+
+    Adds the embedding-balancing (``alpha``) and sharpness (``beta``) terms of ``model``'s options
+    to the cross-entropy, so that the distribution embedding does not collapse. The parts of the
+    last call (detached: ``ce``, ``balance``, ``sharpness``) are kept in ``self.parts``.
+    """
+
+    def __init__(self, model: HyperFedZeroModel) -> None:
+        super().__init__()
+        self.alpha, self.beta = model.cfg.alpha, model.cfg.beta
+        self.parts: dict[str, Tensor] = {}
+
+    def forward(self, output: HFZOutput, target: Tensor) -> Tensor:
+        if not isinstance(output, HFZOutput):
+            raise TypeError(
+                f"HyperFedZeroLoss: expected the model's HFZOutput, got {type(output).__name__}"
+                " (pass model(x), not model(x).logits)"
+            )
+        from hfz_app.hyper.penalty import hfz_loss
+
+        total, self.parts = hfz_loss(output.logits, target, output.embedding, self.alpha,
+                                     self.beta)
+        return total
+
+
+def _check_model(model: nn.Module, caller: str) -> HyperFedZeroModel:
+    if not isinstance(model, HyperFedZeroModel):
+        raise TypeError(
+            f"{caller}: expected a HyperFedZeroModel (wrap your module with hyperfedzero()), "
+            f"got {type(model).__name__}"
+        )
+    return model
+
+
+def shared_arrays(model: nn.Module, state: RecordDict | None = None) -> ArrayRecord:
+    """The arrays to send: exactly ``model.shared_keys()``.
+
+    With ``state`` (a ClientApp's ``context.state``), the personal arrays (BatchNorm running
+    statistics) are stored there for the next round instead of being sent.
+    """
+    hfz = _check_model(model, "shared_arrays")
+    sd = hfz.state_dict()
+    personal = hfz.personal_keys()
+    if state is not None and personal:
+        state[PERSONAL_RECORD] = ArrayRecord({k: sd[k].detach().clone() for k in personal})
+    return ArrayRecord({k: sd[k].detach().clone() for k in hfz.shared_keys()})
+
+
+def load_shared(model: nn.Module, arrays: ArrayRecord, state: RecordDict | None = None) -> None:
+    """Load received shared arrays into ``model``; the keys must equal ``model.shared_keys()``.
+
+    A foreign key (e.g. a personal BatchNorm statistic, or another model's array) or a missing one
+    raises a one-line ``ValueError`` naming it: different options or a different module on the
+    server and the client would otherwise train silently on a half-loaded model. With ``state``
+    (``context.state``), the node's own personal arrays saved by :func:`shared_arrays` are loaded
+    too.
+    """
+    hfz = _check_model(model, "load_shared")
+    received = arrays.to_torch_state_dict()
+    expected = set(hfz.shared_keys())
+    foreign, missing = sorted(set(received) - expected), sorted(expected - set(received))
+    if foreign or missing:
+        key = foreign[0] if foreign else missing[0]
+        what = "is not a shared key of this model" if foreign else "is missing"
+        raise ValueError(
+            f"load_shared: '{key}' {what} ({len(foreign)} foreign, {len(missing)} missing of "
+            f"{len(expected)} shared keys; build the model with the same module and options "
+            "everywhere)"
+        )
+    own = hfz.state_dict()
+    for key, value in received.items():
+        if value.shape != own[key].shape:
+            raise ValueError(
+                f"load_shared: '{key}' has shape {list(value.shape)}, the model expects "
+                f"{list(own[key].shape)}"
+            )
+    hfz.load_state_dict(received, strict=False)
+    if state is not None and PERSONAL_RECORD in state:
+        hfz.load_state_dict(state[PERSONAL_RECORD].to_torch_state_dict(), strict=False)
+
+
+@torch.no_grad()
+def zero_shot_model(model: HyperFedZeroModel, module: nn.Module, x_unlabelled: Tensor) -> nn.Module:
+    """Deploy: ``module`` (your bare class, e.g. ``Net()``) loaded with the weights the frozen
+    shared model generates from a client's unlabelled inputs; no labels, no gradient step."""
+    model.eval()
+    embedding = model.embed(x_unlabelled).mean(0)
+    module.load_state_dict(model.generate(embedding))
+    return module.eval()
