@@ -150,6 +150,53 @@ class ServerSection:
     timeout_s: float = field(default=3600.0, metadata=_check(gt=0))
 
 
+# -- the baselines' own settings (read only by the method that owns them) ------------------------
+
+
+@dataclass
+class FedProxSection:
+    """FedProx (Li et al. 2020): the proximal weight mu of (mu/2)||w - w_global||^2."""
+
+    mu: float = field(default=0.01, metadata=_check(min=0))
+
+
+@dataclass
+class DittoSection:
+    """Ditto (Li et al. 2021): a personal model pulled towards the global one with weight lam."""
+
+    lam: float = field(default=0.1, metadata=_check(min=0))
+    personal_lr: float = field(default=0.0, metadata=_check(min=0))  # 0: train.lr
+    personal_epochs: int = field(default=1, metadata=_check(min=1))
+
+
+@dataclass
+class PFedMeSection:
+    """pFedMe (Dinh et al. 2020): Moreau-envelope personal model, K inner steps per batch."""
+
+    lam: float = field(default=15.0, metadata=_check(gt=0))
+    inner_steps: int = field(default=5, metadata=_check(min=1))
+    personal_lr: float = field(default=0.05, metadata=_check(gt=0))
+
+
+@dataclass
+class FedJetsSection:
+    """FedJets (Dun et al. 2023), simplified: E expert target networks and a shared top-k gate."""
+
+    num_experts: int = field(default=4, metadata=_check(min=1))
+    top_k: int = field(default=2, metadata=_check(min=1))
+    gate_hidden: int = field(default=64, metadata=_check(min=1))
+    balance: float = field(default=0.01, metadata=_check(min=0))  # load-balancing loss weight
+
+
+@dataclass
+class FineTuneSection:
+    """The labelled reference: FedAvg, then `steps` SGD steps on each held-out client's labels."""
+
+    steps: int = field(default=20, metadata=_check(min=0))
+    lr: float = field(default=0.01, metadata=_check(gt=0))
+    labelled_fraction: float = field(default=0.2, metadata=_check(gt=0, max=0.9))
+
+
 @dataclass
 class Config:
     run: RunSection = field(default_factory=RunSection)
@@ -157,6 +204,11 @@ class Config:
     model: ModelSection = field(default_factory=ModelSection)
     train: TrainSection = field(default_factory=TrainSection)
     server: ServerSection = field(default_factory=ServerSection)
+    fedprox: FedProxSection = field(default_factory=FedProxSection)
+    ditto: DittoSection = field(default_factory=DittoSection)
+    pfedme: PFedMeSection = field(default_factory=PFedMeSection)
+    fedjets: FedJetsSection = field(default_factory=FedJetsSection)
+    finetune: FineTuneSection = field(default_factory=FineTuneSection)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -316,6 +368,11 @@ def validate(cfg: Config) -> None:
     if cfg.run.eval_every > cfg.run.rounds:
         raise ConfigError(
             f"run.eval_every: expected <= run.rounds ({cfg.run.rounds}), got {cfg.run.eval_every}"
+        )
+    if cfg.fedjets.top_k > cfg.fedjets.num_experts:
+        raise ConfigError(
+            f"fedjets.top_k: expected <= fedjets.num_experts ({cfg.fedjets.num_experts}), "
+            f"got {cfg.fedjets.top_k}"
         )
     if cfg.server.min_train_nodes > cfg.data.num_participants:
         raise ConfigError(

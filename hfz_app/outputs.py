@@ -28,7 +28,8 @@ COLUMNS = [
     "zacc_weighted", "zacc_mean", "zacc_std", "zacc_p10", "zacc_p90", "gap",
     "embed_usage_participants", "embed_entropy_participants",
     "embed_usage_heldout", "embed_entropy_heldout", "embed_distance_heldout",
-    "bytes_sent", "bytes_received", "bytes_sent_per_client", "n_train_replies", "n_dropped",
+    "bytes_sent", "bytes_received", "bytes_sent_per_client", "bytes_received_per_client",
+    "n_train_replies", "n_dropped",
 ]
 
 

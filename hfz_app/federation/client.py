@@ -87,7 +87,8 @@ def handle_train(msg: Message, context: Context) -> Message:
     seed = round_seed(job.cfg.run.seed, server_round, partition)
     torch.manual_seed(seed)
     metrics = job.method.local_train(
-        model, data.train_x, data.train_y, torch.Generator().manual_seed(seed)
+        model, data.train_x, data.train_y, torch.Generator().manual_seed(seed),
+        dict(msg.content["config"]),
     )
     state = model.state_dict()
     personal = job.method.personal_keys(model)
@@ -135,6 +136,9 @@ def handle_zeroshot(msg: Message, context: Context) -> Message:
         raise RuntimeError(f"participant (partition {partition}) received a zero-shot message")
     data = job.federation.client(partition)
     model = build_with_arrays(job, msg.content["arrays"], None)
+    seed = round_seed(job.cfg.run.seed, int(msg.content["config"]["server-round"]), partition)
+    model, x, y = job.method.prepare_heldout(  # a no-op for every zero-shot method
+        model, data.test_x, data.test_y, torch.Generator().manual_seed(seed))
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    return _evaluate_reply(msg, job, model, data.test_x, data.test_y, True, partition)
+    return _evaluate_reply(msg, job, model, x, y, True, partition)

@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 from hfz_app.methods.base import Method
+from hfz_app.methods.ditto import DittoMethod
 from hfz_app.methods.fedavg import FedAvgMethod
+from hfz_app.methods.fedjets import FedJetsMethod
+from hfz_app.methods.fedprox import FedProxMethod
+from hfz_app.methods.finetune import FineTuneMethod
 from hfz_app.methods.hyperfedzero import HyperFedZeroMethod
+from hfz_app.methods.pfedme import PFedMeMethod
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (HyperFedZeroMethod, FedAvgMethod)}
+METHODS: dict[str, type[Method]] = {
+    m.name: m
+    for m in (HyperFedZeroMethod, FedAvgMethod, FedProxMethod, DittoMethod, PFedMeMethod,
+              FedJetsMethod, FineTuneMethod)
+}
 
 
 def get_method(name: str) -> type[Method]:

@@ -8,7 +8,8 @@ data, loops, metrics, outputs, roles, checkpoints.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -56,9 +57,18 @@ class Method:
         return [{"params": [p for p in model.parameters() if p.requires_grad]}]
 
     def local_train(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        generator: torch.Generator,
+        config: Mapping[str, Any] | None = None,
     ) -> dict[str, float]:
-        """One round of local training; returns metrics (``train_loss`` and named parts)."""
+        """One round of local training; returns metrics (``train_loss`` and named parts).
+
+        ``model`` holds the received shared arrays and this client's personal state; ``config`` is
+        the round's ConfigRecord from the strategy (``server-round``, and e.g. FedProx's
+        ``proximal-mu``)."""
         train = self.cfg.train
         optimizer = make_optimizer(self.param_groups(model), train)
         return train_epochs(
@@ -73,8 +83,19 @@ class Method:
         return model(x)
 
     def predict_zeroshot(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """Logits on a held-out client: frozen shared arrays, no labels, no gradient step."""
+        """Logits of the shared model alone: on a held-out client (zACC: frozen shared arrays, no
+        labels, no gradient step) and on the server's global test set (gACC)."""
         return self.predict(model, x)
+
+    def prepare_heldout(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+    ) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+        """What a held-out client may do before it is evaluated, and on which of its samples.
+
+        Zero-shot methods do nothing and are evaluated on all the client's data; only the labelled
+        fine-tuning reference overrides this (it trains on a labelled slice, tests on the rest).
+        """
+        return model, x, y
 
     def diagnostics(self, model: nn.Module, x: torch.Tensor) -> dict[str, float | list[float]]:
         """Extra per-client evaluation metrics (HyperFedZero: embedding collapse)."""
@@ -83,11 +104,14 @@ class Method:
     # -- server side ----------------------------------------------------------------------------
 
     def strategy(self, shared_keys: list[str], roles: Roles) -> HyperFedZeroStrategy:
+        return HyperFedZeroStrategy(shared_keys, roles, **self.strategy_kwargs())
+
+    def strategy_kwargs(self) -> dict[str, Any]:
+        """The run config's server settings, for this method's strategy class."""
         cfg = self.cfg
-        return HyperFedZeroStrategy(
-            shared_keys, roles,
-            num_rounds=cfg.run.rounds, eval_every=cfg.run.eval_every,
-            server_momentum=cfg.server.server_momentum, server_lr=cfg.server.server_lr,
-            seed=cfg.run.seed, fraction_train=cfg.server.fraction_train,
-            min_train_nodes=cfg.server.min_train_nodes,
-        )
+        return {
+            "num_rounds": cfg.run.rounds, "eval_every": cfg.run.eval_every,
+            "server_momentum": cfg.server.server_momentum, "server_lr": cfg.server.server_lr,
+            "seed": cfg.run.seed, "fraction_train": cfg.server.fraction_train,
+            "min_train_nodes": cfg.server.min_train_nodes,
+        }
