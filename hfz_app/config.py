@@ -342,6 +342,23 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return tree
 
 
+def read_preset(preset: str, _seen: tuple[str, ...] = ()) -> tuple[dict[str, Any], str]:
+    """A preset's tree and its file; ``extends: other`` starts from another preset (ablations and
+    baselines are one key away from their base preset)."""
+    path = preset_path(preset)
+    if str(path) in _seen:
+        raise ConfigError(f"{path}: 'extends' loops back to itself ({' -> '.join(_seen)})")
+    tree = read_yaml(path)
+    base = tree.pop("extends", None)
+    if base is not None:
+        if not isinstance(base, str):
+            raise ConfigError(f"{path}: extends: expected a preset name, got {base!r}")
+        base_tree, _ = read_preset(base, (*_seen, str(path)))
+        tree = _merge(base_tree, tree)
+    _build(Config, tree, "", str(path))  # report preset errors against the file
+    return tree, str(path)
+
+
 def load_config(
     preset: str | None = "mnist_mlp", overrides: Mapping[str, Any] | None = None
 ) -> Config:
@@ -349,10 +366,7 @@ def load_config(
     tree: dict[str, Any] = {}
     source = "defaults"
     if preset:
-        path = preset_path(preset)
-        source = str(path)
-        tree = read_yaml(path)
-        _build(Config, tree, "", source)  # report preset errors against the file
+        tree, source = read_preset(preset)
     if overrides:
         cleaned = {k: v for k, v in overrides.items() if v != UNSET}
         tree = _merge(tree, _unflatten(cleaned))

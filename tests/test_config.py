@@ -101,3 +101,40 @@ def test_pyproject_declares_exactly_the_config_keys() -> None:
     assert declared.pop("preset") == "mnist_mlp"
     assert set(declared) == set(run_config_keys())
     assert set(declared.values()) == {""}
+
+
+def test_extends_starts_from_the_base_preset(tmp_path: Path) -> None:
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: tiny\nmodel: {alpha: 0.0}\n")
+    cfg, base = load_config(str(child)), load_config("tiny")
+    assert cfg.model.alpha == 0.0 and cfg.data == base.data and cfg.model.hidden == base.model.hidden
+    loop = tmp_path / "loop.yaml"
+    loop.write_text(f"extends: {loop}\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(str(loop))
+
+
+@pytest.mark.parametrize("preset, key, value", [
+    ("ablation_no_noisy_embed", "noisy_embed", False),
+    ("ablation_no_balance", "alpha", 0.0),
+    ("ablation_input_conditioning", "conditioning", "input"),
+    ("ablation_batch_granularity", "granularity", "batch"),
+    ("ablation_flat_chunks", "chunk_layout", "flat"),
+])
+def test_ablation_presets_change_one_thing_and_train(preset: str, key: str, value) -> None:
+    import dataclasses
+
+    import torch
+
+    from hfz_app.hyper import build_model
+
+    cfg, base = load_config(preset), load_config("mnist_mlp")
+    assert getattr(cfg.model, key) == value != getattr(base.model, key)
+    assert dataclasses.replace(cfg.model, **{key: getattr(base.model, key)}) == base.model
+    assert (cfg.data, cfg.train, cfg.run.rounds) == (base.data, base.train, base.run.rounds)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, (1, 28, 28), 10)
+    x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    loss, _ = model.loss(model(x), y)
+    loss.backward()
+    assert torch.isfinite(loss) and any(p.grad is not None for p in model.parameters())
