@@ -6,6 +6,7 @@
 - `flwr run` exits 0 for a failed run: we read the run's status and exit non-zero on failure.
 
     python -m hfz_app.launch --preset mnist_mlp -c 'run.rounds=5' -c 'data.alpha_dir=0.1'
+    python -m hfz_app.launch --app zeroshot -c 'run-name="mnist_mlp"'   # the zero-shot app
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from hfz_app.data import DataSourceError, build_federation
 from hfz_app.data.describe import describe
 
 APP_DIR = Path(__file__).resolve().parent.parent
+APPS = {"train": APP_DIR, "zeroshot": APP_DIR / "zeroshot_app"}  # --app: which Flower app runs
 BIN = Path(sys.executable).parent
 
 
@@ -62,8 +64,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def flwr(*args: str, env: dict[str, str], capture: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "flwr"), *args], env=env, text=True, cwd=APP_DIR,
+def flwr(*args: str, env: dict[str, str], capture: bool = True,
+         cwd: Path = APP_DIR) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "flwr"), *args], env=env, text=True, cwd=cwd,
                           capture_output=capture, check=False)
 
 
@@ -82,6 +85,9 @@ def wait_healthy(port: int, superlink: subprocess.Popen, timeout_s: float = 60.0
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--app", choices=sorted(APPS), default="train",
+                        help="train: the training app (.); zeroshot: the zero-shot evaluation "
+                             "app (zeroshot_app/), whose -c keys are its own (docs/ZEROSHOT.md)")
     parser.add_argument("--preset", default="mnist_mlp", help="name in conf/ or a .yaml path")
     parser.add_argument("-c", "--run-config", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (repeatable), e.g. -c run.rounds=5")
@@ -92,7 +98,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         overrides = parse_overrides(args.run_config)
-        cfg = load_config(args.preset, overrides)
+        if args.app == "zeroshot":  # checkpoint and config resolved here: one-line errors
+            from hfz_app.zeroshot.server import plan_zeroshot
+
+            plan = plan_zeroshot(overrides)
+            print(plan.describe(), flush=True)
+            cfg = plan.cfg
+        else:
+            cfg = load_config(args.preset, overrides)
         # Fails fast (one line) on missing data or an impossible split, and shows the clients.
         print(describe(build_federation(cfg.data, cfg.run.seed)), flush=True)
     except (ConfigError, DataSourceError, ValueError) as err:
@@ -124,15 +137,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         wait_healthy(port, superlink)
-        run_config = " ".join(
-            [f"preset={toml_value(args.preset)}"]
-            + [f"{k}={toml_value(v)}" for k, v in overrides.items()]
-        )
+        preset = [f"preset={toml_value(args.preset)}"] if args.app == "train" else []
+        run_config = " ".join(preset + [f"{k}={toml_value(v)}" for k, v in overrides.items()])
         federation = f"num-supernodes={num_nodes} client-resources-num-cpus={args.cpus_per_client}"
-        print(f"flwr run: {num_nodes} simulated nodes, preset {args.preset}", flush=True)
+        what = f"preset {args.preset}" if args.app == "train" else "zero-shot app"
+        print(f"flwr run: {num_nodes} simulated nodes, {what}", flush=True)
         started = time.monotonic()
-        submitted = flwr("run", str(APP_DIR), "hfz", "--format", "json",
-                         "--federation-config", federation, "--run-config", run_config, env=env)
+        app_dir = APPS[args.app]
+        submitted = flwr("run", str(app_dir), "hfz", "--format", "json",
+                         "--federation-config", federation,
+                         *(["--run-config", run_config] if run_config else []),
+                         env=env, cwd=app_dir)
         try:
             run_id = str(json.loads(submitted.stdout)["run-id"])
         except (json.JSONDecodeError, KeyError):
