@@ -1,0 +1,1 @@
+"""existing-project: A Flower / PyTorch app."""
