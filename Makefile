@@ -39,6 +39,18 @@ $(MNIST_WHEEL): | $(STAMP)
 run: setup
 	$(PY) -m hfz_app.launch --preset $(PRESET) $(ARGS)
 
+# Zero-shot app on a trained run's latest checkpoint (docs/ZEROSHOT.md): make zeroshot RUN=mnist_mlp
+RUN ?= mnist_mlp
+PARTITION ?= 10
+.PHONY: zeroshot export
+zeroshot: setup
+	$(PY) -m hfz_app.launch --app zeroshot -c 'run-name="$(RUN)"' $(ARGS)
+
+# One plain personalised model for a client: make export RUN=mnist_mlp PARTITION=12
+export: setup
+	$(PY) -m hfz_app.export --run $(RUN) --partition $(PARTITION) \
+	  --out outputs/exports/$(RUN)-client$(PARTITION) $(ARGS)
+
 describe: setup
 	$(PY) -m hfz_app.data.describe --preset $(PRESET) $(ARGS)
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from hfz_app.checkpoint import Checkpoint, load_checkpoint
@@ -164,8 +164,8 @@ def discover_heldout(grid: Grid, plan: ZeroShotPlan) -> dict[int, int]:
         time.sleep(1.0)
     content = RecordDict({CONFIG_RECORD: ConfigRecord(
         {NUM_PARTICIPANTS_KEY: plan.cfg.data.num_participants})})
-    queries = [grid.create_message(content, MessageType.QUERY, node, group_id="roles")
-               for node in node_ids]
+    queries = [Message(content, dst_node_id=node, message_type=MessageType.QUERY,
+                       group_id="roles") for node in node_ids]
     heldout: dict[int, int] = {}
     for reply in grid.send_and_receive(queries, timeout=plan.timeout_s):
         node = reply.metadata.src_node_id
@@ -190,8 +190,8 @@ def evaluate_heldout(grid: Grid, plan: ZeroShotPlan, heldout: Mapping[int, int]
     config = ConfigRecord({"server-round": plan.checkpoint.server_round,
                            CONFIG_JSON_KEY: config_to_json(plan.cfg)})
     messages = [
-        grid.create_message(RecordDict({"arrays": arrays, CONFIG_RECORD: config}),
-                            ZEROSHOT_MESSAGE_TYPE, node, group_id="zeroshot")
+        Message(RecordDict({"arrays": arrays, CONFIG_RECORD: config}), dst_node_id=node,
+                message_type=ZEROSHOT_MESSAGE_TYPE, group_id="zeroshot")
         for node in heldout
     ]
     rows = []
