@@ -23,6 +23,7 @@ from flwr.app import ArrayRecord, RecordDict
 from torch import Tensor, nn
 
 from hfz_app.config import ConfigError, ModelSection, _build
+from hfz_app.hyper.penalty import hfz_loss
 from hfz_app.hyper.wrapper import HFZOutput, HyperFedZeroModel
 
 PERSONAL_RECORD = "hfz.personal"  # the context.state entry holding a node's personal arrays
@@ -93,8 +94,6 @@ class HyperFedZeroLoss(nn.Module):
                 f"HyperFedZeroLoss: expected the model's HFZOutput, got {type(output).__name__}"
                 " (pass model(x), not model(x).logits)"
             )
-        from hfz_app.hyper.penalty import hfz_loss
-
         total, self.parts = hfz_loss(output.logits, target, output.embedding, self.alpha,
                                      self.beta)
         return total
@@ -119,8 +118,8 @@ def shared_arrays(model: nn.Module, state: RecordDict | None = None) -> ArrayRec
     sd = hfz.state_dict()
     personal = hfz.personal_keys()
     if state is not None and personal:
-        state[PERSONAL_RECORD] = ArrayRecord({k: sd[k].detach().clone() for k in personal})
-    return ArrayRecord({k: sd[k].detach().clone() for k in hfz.shared_keys()})
+        state[PERSONAL_RECORD] = ArrayRecord({k: sd[k] for k in personal})  # copies the bytes
+    return ArrayRecord({k: sd[k] for k in hfz.shared_keys()})
 
 
 def load_shared(model: nn.Module, arrays: ArrayRecord, state: RecordDict | None = None) -> None:
@@ -157,10 +156,15 @@ def load_shared(model: nn.Module, arrays: ArrayRecord, state: RecordDict | None 
 
 
 @torch.no_grad()
-def zero_shot_model(model: HyperFedZeroModel, module: nn.Module, x_unlabelled: Tensor) -> nn.Module:
-    """Deploy: ``module`` (your bare class, e.g. ``Net()``) loaded with the weights the frozen
-    shared model generates from a client's unlabelled inputs; no labels, no gradient step."""
-    model.eval()
-    embedding = model.embed(x_unlabelled).mean(0)
-    module.load_state_dict(model.generate(embedding))
+def zero_shot_model(
+    model: HyperFedZeroModel, module: nn.Module, x_unlabelled: Tensor, batch_size: int = 512
+) -> nn.Module:
+    """Deploy: ``module`` (your bare class, e.g. ``Net()``) loaded with the one weight set the
+    frozen shared model generates from a client's pooled embedding (mean of ``e`` over its
+    unlabelled inputs); no labels, no gradient step. Puts ``model`` in eval mode (no noise).
+    Checkpoint-based export of the app's own runs: ``python -m hfz_app.export``."""
+    hfz = _check_model(model, "zero_shot_model")
+    hfz.eval()
+    total = sum(hfz.embed(chunk).sum(0) for chunk in x_unlabelled.split(batch_size))
+    module.load_state_dict(hfz.generate(total / len(x_unlabelled)))
     return module.eval()
