@@ -213,6 +213,7 @@ def test_strategy_takes_num_rounds_from_start_unless_given(monkeypatch) -> None:
 @pytest.fixture(scope="module")
 def example_run(tmp_path_factory) -> Iterator[dict[str, Any]]:
     """Two rounds of the adopted example's real ServerApp/ClientApp on 3 in-process nodes."""
+    threads = torch.get_num_threads()  # the example's task.py sets 1 thread; restored below
     sys.path.insert(0, str(EXAMPLE))
     from existing_project.client_app import app as client_app
     from existing_project.server_app import app as server_app
@@ -240,6 +241,7 @@ def example_run(tmp_path_factory) -> Iterator[dict[str, Any]]:
     finally:
         os.chdir(cwd)
         sys.path.remove(str(EXAMPLE))
+        torch.set_num_threads(threads)
     yield {"grid": grid, "sent": sent, "replies": replies, "workdir": workdir,
            "shared": set(hfz_net().shared_keys()), "personal": set(hfz_net().personal_keys())}
 
