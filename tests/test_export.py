@@ -100,6 +100,7 @@ def test_torchscript_runs_with_torch_alone_and_matches_the_generated_model(
     assert torch.equal(logits.argmax(1), generated.argmax(1))
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 def test_unlabelled_data_file_gives_a_report_without_accuracy(trained, tmp_path: Path) -> None:
     x, generated, _ = generated_reference(trained)
     np.savez(tmp_path / "client.npz", x=x.numpy())  # float inputs [n, C, H, W], no labels

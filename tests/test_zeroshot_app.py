@@ -218,6 +218,17 @@ def test_one_line_errors(trained, tmp_path: Path, case: str) -> None:
     assert "\n" not in str(err.value)
 
 
+def test_launcher_reports_a_bad_checkpoint_in_one_line(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "hfz_app.launch", "--app", "zeroshot", "-c", 'run-name="nope"',
+         "-c", f'output-dir="{tmp_path}"'],
+        cwd=ROOT, capture_output=True, text=True, check=False, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (f"error: zero-shot: no run named 'nope' in {tmp_path} "
+                                   f"(runs there: none)")
+
+
 @pytest.mark.slow
 def test_flwr_run_of_the_zeroshot_app(trained: Path) -> None:
     """A real `flwr run zeroshot_app` in local simulation (own SuperLink, Ray), via the launcher."""
