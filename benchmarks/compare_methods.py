@@ -44,7 +44,7 @@ def run_once(preset: str, overrides: dict, out_root: str) -> tuple[dict, float]:
                   key=lambda p: p.stat().st_mtime)
     with runs[-1].open() as f:
         last = list(csv.DictReader(f))[-1]
-    return {k: float(last[k]) for k in METRICS}, wall
+    return {k: float(last[k]) for k in (*METRICS, "bytes_sent_per_client")}, wall
 
 
 def fmt(values: list[float]) -> str:
@@ -69,21 +69,23 @@ def main() -> None:
         for spec in args.variant:
             name, _, rest = spec.partition("=")
             variants[name] = parse_overrides([p for p in rest.split(",") if p])
-    header = "| variant | method | zACC | gACC | pACC | wall s/run |\n|---|---|---|---|---|---|"
+    header = ("| variant | method | zACC | gACC | pACC | MB sent/client/round | wall s/run |\n"
+              "|---|---|---|---|---|---|---|")
     lines = [header]
     print(header, flush=True)
     with tempfile.TemporaryDirectory() as out_root:
         for name, extra in variants.items():
             for method in args.methods.split(","):
-                results, walls = {k: [] for k in METRICS}, []
+                results, walls, sent = {k: [] for k in METRICS}, [], 0.0
                 for seed in [int(s) for s in args.seeds.split(",")]:
                     overrides = {**common, **extra, "run.method": method, "run.seed": seed}
                     metrics, wall = run_once(args.preset, overrides, out_root)
                     for k in METRICS:
                         results[k].append(metrics[k])
+                    sent = metrics["bytes_sent_per_client"]
                     walls.append(wall)
                 line = (f"| {name} | {method} | " + " | ".join(fmt(results[k]) for k in METRICS)
-                        + f" | {statistics.mean(walls):.0f} |")
+                        + f" | {sent / 1e6:.2f} | {statistics.mean(walls):.0f} |")
                 lines.append(line)
                 print(line, flush=True)
     if args.out:

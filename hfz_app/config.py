@@ -85,8 +85,16 @@ class ModelSection:
     target: str = "mlp"
     generate: str = "all"  # "all", "head", or comma-separated parameter-name prefixes
     conditioning: Literal["param", "input"] = "param"
-    granularity: Literal["sample", "batch"] = "sample"
+    # What one generated weight set serves: each input ("sample"), the mean embedding of the local
+    # batch ("batch"), or -- at evaluation -- the mean over all of a client's unlabelled inputs
+    # ("client"; in training a batch, whose samples all come from the one client).
+    granularity: Literal["sample", "batch", "client"] = "sample"
     embedding: Literal["learned", "uniform"] = "learned"
+    # "labels": tie embedding dimension k to class k on every client (an auxiliary cross-entropy
+    # on e with weight anchor_weight; needs embed_dim = number of classes), so that a pooled
+    # embedding means the same thing everywhere: an estimate of the client's label frequencies.
+    anchor: Literal["none", "labels"] = "none"
+    anchor_weight: float = field(default=1.0, metadata=_check(min=0))
     embed_dim: int = field(default=16, metadata=_check(min=2))
     noisy_embed: bool = True
     noise_at_eval: bool = False

@@ -55,7 +55,7 @@ def test_run_config_sentinel_keeps_preset_value() -> None:
         ({"run.rounds": 2.5}, "run.rounds: expected an integer"),
         ({"data.alpha_dir": 0}, "data.alpha_dir: expected a value > 0"),
         ({"data.num_participants": 0}, "data.num_participants: expected a value >= 1"),
-        ({"model.granularity": "client"}, "model.granularity: expected one of"),
+        ({"model.granularity": "dataset"}, "model.granularity: expected one of"),
         ({"model.chunk_size": 0}, "model.chunk_size: expected a value >= 1"),
         ({"model.hidden": "64,x"}, "model.hidden: expected comma-separated positive integers"),
         ({"data.shift": 3}, "data.shift: expected a section"),

@@ -103,8 +103,7 @@ def _evaluate_reply(msg: Message, job: Job, model: nn.Module, x, y, zeroshot: bo
     method = job.method
     model.eval()
     with torch.inference_mode():
-        predict = method.predict_zeroshot if zeroshot else method.predict
-        result = evaluate(lambda batch: predict(model, batch), x, y)
+        result = evaluate(method.predictor(model, x, zeroshot), x, y)
         extra = method.diagnostics(model, x)
     metrics = {
         "accuracy": result.accuracy,

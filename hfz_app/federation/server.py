@@ -44,7 +44,8 @@ class RoundRecorder:
         model = self.method.build_model()
         model.load_state_dict(arrays.to_torch_state_dict(), strict=False)
         model.eval()
-        result = evaluate(lambda x: self.method.predict_zeroshot(model, x), *self.global_test)
+        x, y = self.global_test
+        result = evaluate(self.method.predictor(model, x, zeroshot=True), x, y)
         return {"gacc": result.accuracy, "gloss": result.loss}
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:

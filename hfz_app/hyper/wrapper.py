@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import copy
 import functools
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from hfz_app.config import ModelSection, TrainSection
 from hfz_app.hyper.extractor import DistributionExtractor, NoisyEmbed
@@ -67,6 +69,9 @@ class HyperFedZeroModel(nn.Module):
     ) -> None:
         super().__init__()
         cfg = cfg or ModelSection()
+        if cfg.anchor == "labels" and cfg.embed_dim != num_classes:
+            raise ValueError(f"model.embed_dim: anchor 'labels' needs one dimension per class "
+                             f"({num_classes}), got {cfg.embed_dim}")
         self.cfg, self.input_shape, self.num_classes = cfg, tuple(input_shape), num_classes
         self.embed_dim = cfg.embed_dim
         kind = cfg.extractor
@@ -170,7 +175,8 @@ class HyperFedZeroModel(nn.Module):
     def _forward(self, x: Tensor, embedding: Tensor | None) -> HFZOutput:
         if embedding is None:
             e = self.noisy_embed(x)
-            e_gen = e.mean(0, keepdim=True) if self.cfg.granularity == "batch" else e
+            pooled = self.cfg.granularity in ("batch", "client")
+            e_gen = e.mean(0, keepdim=True) if pooled else e
         else:
             e_gen, e = embedding, embedding.expand(x.shape[0], -1)
         return HFZOutput(self._apply_target(x, e_gen), e)
@@ -195,8 +201,32 @@ class HyperFedZeroModel(nn.Module):
         return self.noisy_embed(x)
 
     def loss(self, output: HFZOutput, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """Cross-entropy + ``alpha`` * balancing + ``beta`` * sharpness; parts are detached."""
-        return hfz_loss(output.logits, y, output.embedding, self.cfg.alpha, self.cfg.beta)
+        """Cross-entropy + ``alpha`` * balancing + ``beta`` * sharpness (+ ``anchor_weight`` *
+        the label anchor's cross-entropy on ``e``); parts are detached."""
+        total, parts = hfz_loss(output.logits, y, output.embedding, self.cfg.alpha, self.cfg.beta)
+        if self.cfg.anchor == "labels":
+            anchor = F.nll_loss(output.embedding.clamp_min(1e-8).log(), y)
+            total = total + self.cfg.anchor_weight * anchor
+            parts["anchor"] = anchor.detach()
+        return total, parts
+
+    @torch.no_grad()
+    def pooled_embedding(self, x: Tensor, chunk: int = 1024) -> Tensor:
+        """The mean embedding [d] of a client's unlabelled inputs (granularity ``client``);
+        accumulated in float64 so that it does not depend on the chunking."""
+        total = torch.zeros(self.embed_dim, dtype=torch.float64)
+        for i in range(0, len(x), chunk):
+            total += self.embed(x[i : i + chunk]).double().sum(0)
+        return (total / max(len(x), 1)).float()
+
+    def client_predictor(self, x: Tensor) -> Callable[[Tensor], Tensor]:
+        """Logits function for evaluating on one client's inputs ``x`` (or a test set): with
+        granularity ``client`` every batch uses the embedding pooled over all of ``x`` (no labels
+        needed); otherwise each batch embeds itself."""
+        if self.cfg.granularity == "client":
+            pooled = self.pooled_embedding(x)
+            return lambda batch: self(batch, embedding=pooled).logits
+        return lambda batch: self(batch).logits
 
     # -- optimisation and federation -----------------------------------------------------------
 

@@ -87,6 +87,12 @@ class Method:
         labels, no gradient step) and on the server's global test set (gACC)."""
         return self.predict(model, x)
 
+    def predictor(self, model: nn.Module, x: torch.Tensor, zeroshot: bool):
+        """The logits function used to evaluate on one client's inputs ``x`` (or the global test
+        set). A method that pools over a client's unlabelled inputs looks at all of ``x`` here."""
+        predict = self.predict_zeroshot if zeroshot else self.predict
+        return lambda batch: predict(model, batch)
+
     def prepare_heldout(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
     ) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:

@@ -41,6 +41,9 @@ class HyperFedZeroMethod(Method):
     def predict(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model(x).logits
 
+    def predictor(self, model: nn.Module, x: torch.Tensor, zeroshot: bool):
+        return model.client_predictor(x)
+
     def diagnostics(self, model: nn.Module, x: torch.Tensor) -> dict[str, float | list[float]]:
         """Collapse diagnostics of this client's embeddings and their mean (for the distance
         between clients' mean embeddings on the server)."""
