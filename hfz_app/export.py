@@ -175,7 +175,8 @@ def export(
     if y is not None:
         report["accuracy_exported"] = _accuracy(exported, y)
         if isinstance(model, HyperFedZeroModel):
-            # The zero-shot app's metric on the same data: each input generates its own weights.
+            # The zero-shot app's metric on the same data (granularity sample: each input
+            # generates its own weights).
             report["accuracy_hyperfedzero"] = frozen_metrics(model, x, y, -1)["accuracy"]
             report["accuracy_generated_pooled"] = _accuracy(pooled, y)
     (out / "export.json").write_text(json.dumps(report, indent=1))
@@ -190,9 +191,10 @@ def summary(report: dict[str, Any]) -> str:
     if "accuracy_exported" in report:
         lines.append(f"  exported plain model accuracy   {100 * report['accuracy_exported']:6.2f}")
     if "accuracy_hyperfedzero" in report:
-        lines.append(f"  per-sample HyperFedZero         "
-                     f"{100 * report['accuracy_hyperfedzero']:6.2f}  "
-                     f"(granularity {report['granularity']})")
+        label = ("per-sample HyperFedZero" if report["granularity"] == "sample"
+                 else f"HyperFedZero ({report['granularity']})")
+        lines.append(f"  {label:<31} {100 * report['accuracy_hyperfedzero']:6.2f}  "
+                     f"(as the zero-shot app evaluates it)")
     if not report["labels"]:
         lines.append("  no labels in the data: no accuracy reported")
     if "max_abs_logit_diff_vs_generated" in report:

@@ -123,16 +123,21 @@ def test_client_computes_no_gradient_and_replies_metrics_only(trained, monkeypat
     monkeypatch.setattr(torch.Tensor, "backward", refuse)
     monkeypatch.setattr(torch.autograd, "backward", refuse)
     seen = []
-    original = frozen.predict
+    original = frozen.predictor
 
     def spy(model, x):
-        seen.append((torch.is_inference_mode_enabled(),
-                     any(p.requires_grad for p in model.parameters())))
-        out = original(model, x)
-        assert not out.requires_grad
-        return out
+        predict = original(model, x)
 
-    monkeypatch.setattr(frozen, "predict", spy)
+        def logits(batch):
+            seen.append((torch.is_inference_mode_enabled(),
+                         any(p.requires_grad for p in model.parameters())))
+            out = predict(batch)
+            assert not out.requires_grad
+            return out
+
+        return logits
+
+    monkeypatch.setattr(frozen, "predictor", spy)
     plan = plan_zeroshot(zeroshot_run_config(trained, **{"run-name": "tiny"}))
     content = RecordDict({
         "arrays": ArrayRecord(dict(load_checkpoint(plan.checkpoint_path).shared)),
@@ -187,6 +192,35 @@ def test_shared_keys_rule_matches_the_methods() -> None:
         m = get_method(method)(cfg, (1, 28, 28), 10)
         model = m.build_model()
         assert shared_keys(model) == m.shared_keys(model), method
+
+
+@pytest.mark.parametrize("granularity", ["sample", "batch", "client"])
+def test_frozen_metrics_equal_the_training_apps_evaluation(granularity: str) -> None:
+    """The node's arithmetic against the training app's (method.predictor + training.evaluate),
+    for every granularity; a perturbed hypernetwork so that the embedding matters."""
+    from hfz_app.config import load_config
+    from hfz_app.methods import get_method
+    from hfz_app.training import evaluate
+    from hfz_app.zeroshot.frozen import build_frozen_model, frozen_metrics, shared_keys
+
+    cfg = load_config("tiny", {"model.granularity": granularity})
+    method = get_method("hyperfedzero")(cfg, (1, 28, 28), 10)
+    torch.manual_seed(5)
+    reference = method.build_model()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    state = reference.state_dict()
+    shared = {k: state[k] for k in shared_keys(reference)}
+    x, y = torch.rand(700, 1, 28, 28), torch.randint(0, 10, (700,))
+    theirs = method.build_model()
+    theirs.load_state_dict(shared, strict=False)
+    theirs.eval()
+    with torch.inference_mode():
+        expected = evaluate(method.predictor(theirs, x, True), x, y)
+    ours = frozen_metrics(build_frozen_model(cfg, (1, 28, 28), 10, shared), x, y, 0)
+    assert ours["accuracy"] == expected.accuracy
+    assert ours["loss"] == pytest.approx(expected.loss, abs=1e-9)
 
 
 def test_data_overrides_apply_and_model_keys_are_refused(trained) -> None:

@@ -4,14 +4,14 @@ Nothing here imports the training loop, the methods registry (which imports the 
 factory) or an optimiser: the model is built straight from the model zoo and the HyperFedZero
 wrapper, every parameter has ``requires_grad=False``, and evaluation runs under
 ``torch.inference_mode()``. The arithmetic is the training app's (``hfz_app.training.evaluate``
-and the methods' ``predict_zeroshot``/``diagnostics``), so the zero-shot app's zACC equals the
+and the methods' ``predictor``/``diagnostics``), so the zero-shot app's zACC equals the
 training app's for the same checkpoint and clients (a test checks it).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -19,7 +19,7 @@ from torch import nn
 
 from hfz_app.config import Config, ConfigError, load_config
 from hfz_app.evaluation.metrics import EMBED_MEAN_KEY
-from hfz_app.hyper import HFZOutput, HyperFedZeroModel, build_model, embedding_stats
+from hfz_app.hyper import HyperFedZeroModel, build_model, embedding_stats
 from hfz_app.models import build_target
 
 # Methods whose frozen shared arrays alone make the model a new client runs.
@@ -104,10 +104,13 @@ def build_frozen_model(
     return model
 
 
-def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Logits of the frozen model (each input's own embedding for HyperFedZero)."""
-    out = model(x)
-    return out.logits if isinstance(out, HFZOutput) else out
+def predictor(model: nn.Module, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The logits function for evaluating on one client's inputs ``x`` (the methods'
+    ``predictor``): HyperFedZero embeds each batch itself, or with granularity ``client`` uses
+    the embedding pooled over all of ``x``; a plain target is just called."""
+    if isinstance(model, HyperFedZeroModel):
+        return model.client_predictor(x)
+    return model
 
 
 def diagnostics(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
@@ -118,13 +121,10 @@ def diagnostics(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
     return embedding_stats(embeddings) | {EMBED_MEAN_KEY: [float(v) for v in embeddings.mean(0)]}
 
 
-def pooled_embedding(model: HyperFedZeroModel, x: torch.Tensor, batch_size: int = 1024):
+def pooled_embedding(model: HyperFedZeroModel, x: torch.Tensor) -> torch.Tensor:
     """Mean of ``model.embed(x)`` over all of a client's (unlabelled) inputs: [d]."""
     with torch.inference_mode():
-        total = torch.zeros(model.embed_dim, dtype=torch.float64)
-        for i in range(0, len(x), batch_size):
-            total += model.embed(x[i : i + batch_size]).double().sum(0)
-        return (total / max(len(x), 1)).float()
+        return model.pooled_embedding(x)
 
 
 def frozen_metrics(
@@ -134,8 +134,9 @@ def frozen_metrics(
     model.eval()
     correct, loss_sum = 0, 0.0
     with torch.inference_mode():
+        predict = predictor(model, x)
         for start in range(0, len(x), batch_size):
-            logits = predict(model, x[start : start + batch_size])
+            logits = predict(x[start : start + batch_size])
             target = y[start : start + batch_size]
             loss_sum += float(nn.functional.cross_entropy(logits, target, reduction="sum"))
             correct += int((logits.argmax(dim=1) == target).sum())
