@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("-c", action="append", default=[], help="override for every run")
     parser.add_argument("--variant", action="append", default=[], help="NAME=k=v,k=v")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--keep", type=Path, help="keep every run's outputs under this folder")
     args = parser.parse_args()
     common = parse_overrides(args.c)
     variants = {"default": {}}
@@ -73,12 +74,14 @@ def main() -> None:
               "|---|---|---|---|---|---|---|")
     lines = [header]
     print(header, flush=True)
-    with tempfile.TemporaryDirectory() as out_root:
+    with tempfile.TemporaryDirectory() as tmp:
+        out_root = str(args.keep) if args.keep else tmp
         for name, extra in variants.items():
             for method in args.methods.split(","):
                 results, walls, sent = {k: [] for k in METRICS}, [], 0.0
                 for seed in [int(s) for s in args.seeds.split(",")]:
-                    overrides = {**common, **extra, "run.method": method, "run.seed": seed}
+                    overrides = {**common, **extra, "run.method": method, "run.seed": seed,
+                                 "run.name": f"{name}-{method}-s{seed}"}
                     metrics, wall = run_once(args.preset, overrides, out_root)
                     for k in METRICS:
                         results[k].append(metrics[k])

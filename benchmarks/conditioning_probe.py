@@ -1,0 +1,64 @@
+"""Does a trained HyperFedZero model use its embedding? Swap the embedding at test time.
+
+For each held-out client of a checkpoint: zACC with the model's own embedding (as trained), with
+``e`` fixed to uniform, and with the pooled embedding of *another* held-out client. If the three
+agree, the hypernetwork's output does not depend on ``e`` and conditioning adds nothing.
+
+    python benchmarks/conditioning_probe.py --checkpoint outputs/mnist_mlp/checkpoints/round_0020.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from hfz_app.checkpoint import load_checkpoint
+from hfz_app.data import build_federation
+from hfz_app.methods import get_method
+from hfz_app.zeroshot.frozen import config_from_dict
+
+
+def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    return float((logits.argmax(1) == y).float().mean())
+
+
+@torch.no_grad()
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", required=True)
+    args = parser.parse_args()
+    ckpt = load_checkpoint(args.checkpoint)
+    cfg = config_from_dict(ckpt.config)
+    fed = build_federation(cfg.data, cfg.run.seed)
+    method = get_method(cfg.run.method)(cfg, fed.input_shape, fed.num_classes)
+    model = method.build_model()
+    model.load_state_dict(ckpt.shared, strict=False)
+    model.eval()
+    heldout = [fed.client(p) for p in range(cfg.data.num_participants,
+                                             cfg.data.num_participants + cfg.data.num_heldout)]
+    pooled = [model.pooled_embedding(c.test_x) for c in heldout]
+    uniform = torch.full((model.embed_dim,), 1.0 / model.embed_dim)
+    print("| held-out client | own e | uniform e | next client's pooled e | pooled e (top 3) |")
+    print("|---|---|---|---|---|")
+    totals, n = torch.zeros(3), 0
+    for i, c in enumerate(heldout):
+        own = method.predictor(model, c.test_x, zeroshot=True)(c.test_x)
+        uni = model(c.test_x, embedding=uniform).logits
+        other = model(c.test_x, embedding=pooled[(i + 1) % len(heldout)]).logits
+        accs = torch.tensor([accuracy(own, c.test_y), accuracy(uni, c.test_y),
+                             accuracy(other, c.test_y)])
+        top = ", ".join(f"{int(k)}:{float(v):.2f}" for v, k in zip(*pooled[i].topk(3)))
+        print(f"| {c.partition_id} | " + " | ".join(f"{100 * a:.2f}" for a in accs)
+              + f" | {top} |")
+        totals += accs * len(c.test_y)
+        n += len(c.test_y)
+    print("| weighted | " + " | ".join(f"{100 * float(a) / n:.2f}" for a in totals) + " | |")
+
+
+if __name__ == "__main__":
+    main()
