@@ -4,8 +4,9 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from hfz_app.federation import client
+from hfz_app.federation.privacy import privacy_mod
 
-app = ClientApp()
+app = ClientApp(mods=[privacy_mod])  # Flower's fixedclipping_mod when privacy.dp=client
 
 
 @app.query()

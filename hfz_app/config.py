@@ -158,6 +158,25 @@ class ServerSection:
     timeout_s: float = field(default=3600.0, metadata=_check(gt=0))
 
 
+@dataclass
+class PrivacySection:
+    """Central differential privacy with Flower's fixed-clipping wrappers (docs/PRIVACY.md).
+
+    ``dp``: "none"; "server" (DifferentialPrivacyServerSideFixedClipping: the server clips each
+    update); "client" (DifferentialPrivacyClientSideFixedClipping + Flower's fixedclipping_mod on
+    the nodes). Epsilon at ``delta`` is accounted with Flower's RDP accountant (dp-accounting)."""
+
+    dp: Literal["none", "server", "client"] = "none"
+    noise_multiplier: float = field(default=0.0, metadata=_check(min=0))
+    clipping_norm: float = field(default=1.0, metadata=_check(gt=0))
+    delta: float = field(default=1e-5, metadata=_check(gt=0, max=0.5))
+    # "no-amplification": no credit for sampling (Flower's accounted mode); "poisson": q = m / P
+    accounting: Literal["no-amplification", "poisson"] = "no-amplification"
+    # equal client weights, as the Gaussian mechanism's sensitivity C / m assumes; false: FedAvg's
+    # num-examples weights (the accountant's epsilon then does not hold for large clients)
+    uniform_weights: bool = True
+
+
 # -- the baselines' own settings (read only by the method that owns them) ------------------------
 
 
@@ -212,6 +231,7 @@ class Config:
     model: ModelSection = field(default_factory=ModelSection)
     train: TrainSection = field(default_factory=TrainSection)
     server: ServerSection = field(default_factory=ServerSection)
+    privacy: PrivacySection = field(default_factory=PrivacySection)
     fedprox: FedProxSection = field(default_factory=FedProxSection)
     ditto: DittoSection = field(default_factory=DittoSection)
     pfedme: PFedMeSection = field(default_factory=PFedMeSection)

@@ -29,7 +29,7 @@ COLUMNS = [
     "embed_usage_participants", "embed_entropy_participants",
     "embed_usage_heldout", "embed_entropy_heldout", "embed_distance_heldout",
     "bytes_sent", "bytes_received", "bytes_sent_per_client", "bytes_received_per_client",
-    "n_train_replies", "n_dropped",
+    "n_train_replies", "n_dropped", "epsilon",
 ]
 
 
@@ -143,6 +143,9 @@ class RunOutputs:
                 sep = " / " if key.endswith("p10") else " +- "
                 text += f"{sep}{100 * last[spread]:.2f}"
             lines.append(f"  {label:<26} {text}")
+        if _present(last.get("epsilon")):
+            lines.append(f"  {'epsilon (delta ' + f'{self.cfg.privacy.delta:g})':<26} "
+                         f"{last['epsilon']:6.3g}")
         if _present(last.get("elapsed_s")):
             lines.append(f"  {'wall time':<26} {last['elapsed_s']:6.1f} s")
         lines.append(f"  results in {self.dir}")

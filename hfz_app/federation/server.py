@@ -14,6 +14,7 @@ from flwr.serverapp import Grid
 from hfz_app.checkpoint import save_checkpoint
 from hfz_app.config import Config, from_run_config
 from hfz_app.data import build_federation
+from hfz_app.federation.privacy import wrap_strategy
 from hfz_app.federation.roles import discover_roles
 from hfz_app.federation.strategy import HyperFedZeroStrategy
 from hfz_app.methods import Method, get_method
@@ -75,6 +76,8 @@ def progress_line(row: dict[str, Any], cfg: Config) -> str:
         parts[-1] += f" +- {100 * row['zacc_std']:.2f}"
     if "embed_usage_heldout" in row:
         parts.append(f"usage {row['embed_usage_heldout']:.1f}/{cfg.model.embed_dim}")
+    if "epsilon" in row:
+        parts.append(f"eps {row['epsilon']:.3g}")
     if row.get("n_dropped"):
         parts.append(f"dropped {int(row['n_dropped'])}")
     parts.append(f"{row['round_time_s']:.1f}s")
@@ -101,7 +104,7 @@ def run_server(grid: Grid, context: Context) -> RunOutputs:
     )
     strategy = method.strategy(shared_keys, roles)
     recorder = RoundRecorder(cfg, method, strategy, outputs, federation.global_test())
-    strategy.start(
+    wrap_strategy(strategy, cfg).start(  # Flower's DP wrapper if privacy.dp is set
         grid=grid, initial_arrays=initial, num_rounds=cfg.run.rounds,
         timeout=cfg.server.timeout_s, evaluate_fn=recorder,
     )
