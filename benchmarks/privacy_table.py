@@ -1,0 +1,79 @@
+"""zACC / gACC / pACC under central DP (Flower's fixed-clipping wrappers), per noise multiplier.
+
+    nice python benchmarks/privacy_table.py --preset mnist_mlp --methods hyperfedzero,fedavg \
+        --noise 0,0.03,0.1,0.3 --clip 1.0 -c run.rounds=10 -c train.torch_threads=1 \
+        --out docs/privacy_table.md
+
+Every run goes through the real ServerApp/ClientApp (in-process Grid, as
+``benchmarks/compare_methods.py``). For each method: one run without any wrapper, then one run
+per noise multiplier with ``privacy.dp`` (default ``server``) and the given clipping norm. Epsilon
+is the accountant's value after the last round at ``privacy.delta`` (``inf`` without noise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from compare_methods import METRICS, fmt, run_once  # noqa: E402
+
+from hfz_app.config import load_config  # noqa: E402
+from hfz_app.federation.privacy import planned_epsilon  # noqa: E402
+from hfz_app.launch import parse_overrides  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="mnist_mlp")
+    parser.add_argument("--methods", default="hyperfedzero,fedavg")
+    parser.add_argument("--noise", default="0,0.03,0.1,0.3", help="noise multipliers")
+    parser.add_argument("--clip", type=float, default=1.0, help="clipping norm C")
+    parser.add_argument("--dp", default="server", choices=("server", "client"))
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--no-plain", action="store_true", help="skip the run without DP")
+    parser.add_argument("-c", action="append", default=[], help="override for every run")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    common = parse_overrides(args.c)
+    settings: list[tuple[str, dict]] = [] if args.no_plain else [("no DP", {})]
+    for sigma in (float(s) for s in args.noise.split(",")):
+        settings.append((f"sigma {sigma:g}", {
+            "privacy.dp": args.dp, "privacy.noise_multiplier": sigma,
+            "privacy.clipping_norm": args.clip}))
+    header = ("| method | DP | epsilon | zACC | gACC | pACC | wall s/run |\n"
+              "|---|---|---|---|---|---|---|")
+    lines = [header]
+    print(header, flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in args.methods.split(","):
+            for label, extra in settings:
+                results, walls = {k: [] for k in METRICS}, []
+                for seed in [int(s) for s in args.seeds.split(",")]:
+                    overrides = {**common, **extra, "run.method": method, "run.seed": seed,
+                                 "run.name": f"{method}-{label.replace(' ', '')}-s{seed}"}
+                    metrics, wall = run_once(args.preset, overrides, tmp)
+                    for k in METRICS:
+                        results[k].append(metrics[k])
+                    walls.append(wall)
+                cfg = load_config(args.preset, {**common, **extra})
+                eps = "-" if not extra else f"{planned_epsilon(cfg):.3g}"
+                dp = "none" if not extra else f"{args.dp}, C={args.clip:g}, {label}"
+                line = (f"| {method} | {dp} | {eps} | "
+                        + " | ".join(fmt(results[k]) for k in METRICS)
+                        + f" | {statistics.mean(walls):.0f} |")
+                lines.append(line)
+                print(line, flush=True)
+    if args.out:
+        command = "python benchmarks/privacy_table.py " + " ".join(sys.argv[1:])
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(f"`{command}`\n\n" + "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
