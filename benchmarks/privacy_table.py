@@ -21,11 +21,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from compare_methods import METRICS, fmt, run_once  # noqa: E402
+from compare_methods import METRICS, fmt, run_once
 
-from hfz_app.config import load_config  # noqa: E402
-from hfz_app.federation.privacy import planned_epsilon  # noqa: E402
-from hfz_app.launch import parse_overrides  # noqa: E402
+from hfz_app.config import load_config
+from hfz_app.federation.privacy import planned_epsilon
+from hfz_app.launch import parse_overrides
 
 
 def main() -> None:
