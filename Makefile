@@ -65,3 +65,9 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
+
+# The whole TLS + SuperNode-auth deployment on 127.0.0.1 (docs/DEPLOY.md): tiny preset, 3 + 1 nodes
+DEPLOY_ARGS ?= --rounds 1
+.PHONY: deploy
+deploy: setup
+	deploy/loopback.sh $(DEPLOY_ARGS)

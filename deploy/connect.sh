@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
 # Add a TLS connection to the `flwr` CLI's config ($FLWR_HOME/config.toml, default ~/.flwr).
-#   deploy/connect.sh NAME HOST:PORT CA_CERT [--default]
+#   deploy/connect.sh NAME HOST:PORT CA_CERT|--insecure [--default]
 # `flwr run . NAME`, `flwr supernode register KEY.pub NAME`, `flwr ls NAME` then use it.
 # An existing [superlink.NAME] section is left as it is (edit the file to change it).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-usage="usage: deploy/connect.sh NAME HOST:PORT CA_CERT [--default]"
+usage="usage: deploy/connect.sh NAME HOST:PORT CA_CERT|--insecure [--default]"
 [[ $# -ge 3 && "$1" != -h && "$1" != --help ]] || { echo "$usage" >&2; exit 2; }
 name="$1" address="$2" ca="$3" default="${4:-}"
 [[ "$name" =~ ^[A-Za-z0-9_-]+$ ]] || die "connect.sh: connection name '$name': letters, digits, '_', '-'"
-need_file "$ca" "CA_CERT"
-ca="$(cd "$(dirname "$ca")" && pwd)/$(basename "$ca")"
+if [[ "$ca" == --insecure ]]; then
+  entry='insecure = true'
+else
+  need_file "$ca" "CA_CERT"
+  ca="$(cd "$(dirname "$ca")" && pwd)/$(basename "$ca")"
+  entry="root-certificates = \"$ca\""
+fi
 home="${FLWR_HOME:-$HOME/.flwr}"
 mkdir -p "$home"
 config="$home/config.toml"
@@ -23,6 +28,6 @@ fi
 if grep -q "^\[superlink\.$name\]" "$config"; then
   echo "connection '$name' already in $config (left unchanged)"
 else
-  printf '\n[superlink.%s]\naddress = "%s"\nroot-certificates = "%s"\n' "$name" "$address" "$ca" >> "$config"
-  echo "connection '$name' -> $address (TLS, CA $ca) added to $config"
+  printf '\n[superlink.%s]\naddress = "%s"\n%s\n' "$name" "$address" "$entry" >> "$config"
+  echo "connection '$name' -> $address ($entry) added to $config"
 fi
