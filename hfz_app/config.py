@@ -95,6 +95,7 @@ class ModelSection:
     # embedding means the same thing everywhere: an estimate of the client's label frequencies.
     anchor: Literal["none", "labels"] = "none"
     anchor_weight: float = field(default=1.0, metadata=_check(min=0))
+    hyper_input: Literal["prob", "log"] = "prob"  # what h sees: e, or its centred log
     embed_dim: int = field(default=16, metadata=_check(min=2))
     noisy_embed: bool = True
     noise_at_eval: bool = False
@@ -145,6 +146,9 @@ class TrainSection:
     hyper_output_lr_scale: float = field(default=0.01, metadata=_check(gt=0))
     extractor_lr_scale: float = field(default=1.0, metadata=_check(gt=0))
     torch_threads: int = field(default=0, metadata=_check(min=0))  # 0: torch's default
+    # Label-prior augmentation: each local batch draws its label mix from Dir(prior_alpha) over
+    # the client's classes (0: plain shuffled batches). See hfz_app.training.batch_indices.
+    prior_alpha: float = field(default=0.0, metadata=_check(min=0))
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -20,6 +21,32 @@ LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, d
 def round_seed(seed: int, server_round: int, partition: int) -> int:
     """One seed per (run seed, round, client): the same inputs give the same update."""
     return (seed * 1_000_003 + server_round * 10_007 + partition) % (2**31 - 1)
+
+
+def batch_indices(
+    y: torch.Tensor, batch_size: int, generator: torch.Generator, prior_alpha: float = 0.0
+) -> list[torch.Tensor]:
+    """One epoch of minibatch indices into a client's data.
+
+    ``prior_alpha = 0``: a random permutation cut into batches (every sample once). ``> 0``: label
+    -prior augmentation: each batch first draws label frequencies ``q ~ Dir(prior_alpha)`` over the
+    client's classes, then samples ``batch_size`` indices with replacement so that its labels follow
+    ``q``. Batches then differ in label mix, so a model conditioned on a pooled embedding of the
+    batch must learn what the mix implies, instead of absorbing one fixed local prior.
+    """
+    n = len(y)
+    if prior_alpha <= 0:
+        order = torch.randperm(n, generator=generator)
+        return [order[start : start + batch_size] for start in range(0, n, batch_size)]
+    classes, inverse, counts = torch.unique(y, return_inverse=True, return_counts=True)
+    rng = np.random.default_rng(int(torch.randint(2**31 - 1, (1,), generator=generator)))
+    batches = []
+    for _ in range((n + batch_size - 1) // batch_size):
+        q = torch.from_numpy(rng.dirichlet(np.full(len(classes), prior_alpha))).float()
+        weights = (q / counts)[inverse]
+        batches.append(torch.multinomial(weights, batch_size, replacement=True,
+                                         generator=generator))
+    return batches
 
 
 def make_optimizer(groups: list[dict], cfg: TrainSection) -> torch.optim.Optimizer:
@@ -39,15 +66,15 @@ def train_epochs(
     batch_size: int,
     generator: torch.Generator,
     after_step: Callable[[], None] | None = None,
+    prior_alpha: float = 0.0,
 ) -> dict[str, float]:
-    """Minibatch training; returns the sample-weighted mean of the loss and its named parts."""
+    """Minibatch training; returns the sample-weighted mean of the loss and its named parts.
+    ``prior_alpha``: label-prior augmentation of the batches (see :func:`batch_indices`)."""
     model.train()
     totals: dict[str, float] = {}
     seen = 0
     for _ in range(epochs):
-        order = torch.randperm(len(x), generator=generator)
-        for start in range(0, len(x), batch_size):
-            idx = order[start : start + batch_size]
+        for idx in batch_indices(y, batch_size, generator, prior_alpha):
             loss, parts = loss_fn(model, x[idx], y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -47,8 +47,12 @@ class ChunkedHypernetwork(nn.Module):
         chunk_size: int = 256,
         residual: bool = False,
         probe_size: int = 64,
+        input_transform: str = "prob",
     ) -> None:
         super().__init__()
+        if input_transform not in ("prob", "log"):
+            raise ValueError(f"model.hyper_input: expected prob or log, got {input_transform!r}")
+        self.input_transform = input_transform
         if layout not in ("row", "flat"):
             raise ValueError(f"model.chunk_layout: expected row or flat, got {layout!r}")
         if not specs:
@@ -73,7 +77,11 @@ class ChunkedHypernetwork(nn.Module):
                     stds.append(torch.full((s.rows * s.row_in,), s.weight_var**0.5))
                 if s.gen_bias:
                     stds.append(torch.full((s.rows,), s.bias_var**0.5))
-            self.register_buffer("scale", torch.cat(stds))
+            # With ``residual`` the shared head starts at zero and the generated term is learned
+            # from scratch; scaling it by the init std (~0.04 for a bias) would slow that learning
+            # by the std squared, so the flat layout then generates unscaled values, like ``row``.
+            scale = torch.ones(self.num_values) if residual else torch.cat(stds)
+            self.register_buffer("scale", scale)
         self._init_output_layers(embed_dim, probe_size, residual)
 
     @property
@@ -87,10 +95,18 @@ class ChunkedHypernetwork(nn.Module):
     def _hidden_params(self) -> tuple[tuple[Tensor, Tensor], ...]:
         return tuple((layer.weight, layer.bias) for layer in self.hidden_layers)
 
+    def embed_input(self, e: Tensor) -> Tensor:
+        """What the first layer sees: ``e`` itself, or (``log``) its centred log, in which a
+        change of label frequencies is additive -- as a label prior enters Bayes' logits."""
+        if self.input_transform == "log":
+            log_e = e.clamp_min(1e-6).log()
+            return log_e - log_e.mean(-1, keepdim=True)
+        return e
+
     def hidden_acts(self, e: Tensor) -> Tensor:
         """Last hidden activations [G, K, H] for embeddings ``e`` [G, d] (all chunks)."""
         pre_c = self.chunk_in(self.chunk_embeddings)
-        return row_hidden(self.embed_in(e), pre_c, self._hidden_params())
+        return row_hidden(self.embed_in(self.embed_input(e)), pre_c, self._hidden_params())
 
     def _row_parts(self, e: Tensor) -> tuple[Tensor, list[Tensor]]:
         """First-layer terms: embeddings [G, H1] and each layer's chunk embeddings [rows, H1].
@@ -99,7 +115,7 @@ class ChunkedHypernetwork(nn.Module):
         (the backward of a slice writes a zero-filled full-size gradient for every layer).
         """
         pre_c = self.chunk_in(self.chunk_embeddings)
-        return self.embed_in(e), list(pre_c.split([s.rows for s in self.specs]))
+        return self.embed_in(self.embed_input(e)), list(pre_c.split([s.rows for s in self.specs]))
 
     def materialise(self, e: Tensor) -> list[Materialised]:
         """Generated weight/bias per layer, each with a leading weight-set dimension G."""

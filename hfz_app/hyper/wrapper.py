@@ -116,6 +116,7 @@ class HyperFedZeroModel(nn.Module):
                 cfg.chunk_layout,
                 cfg.chunk_size,
                 cfg.residual,
+                input_transform=cfg.hyper_input,
             )
         else:
             raise ValueError(

@@ -74,6 +74,7 @@ class Method:
         return train_epochs(
             model, self.loss, x, y, optimizer,
             epochs=train.local_epochs, batch_size=train.batch_size, generator=generator,
+            prior_alpha=train.prior_alpha,
         )
 
     # -- prediction -----------------------------------------------------------------------------
