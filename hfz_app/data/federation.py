@@ -15,17 +15,21 @@ import json
 import os
 import sys
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
 from hfz_app.config import DataSection, ShiftSection
 from hfz_app.data.shift import apply_shift, draw_shift
-from hfz_app.data.sources import DatasetArrays, load_dataset
+from hfz_app.data.sources import DatasetArrays, DataSourceError, load_dataset, load_folder
 
 # Keep every client's tensors when the whole float32 train split fits in this; else a few.
 CLIENT_CACHE_BYTES = 2 * 2**30
+# Node config key naming a SuperNode's own data (deploy/supernode.sh --data-dir).
+NODE_DATA_DIR_KEY = "data-dir"
 
 # Independent random streams derived from the run seed, one per decision.
 _SUBSAMPLE, _POOLS, _DIRICHLET_P, _DIRICHLET_H, _LOCAL, _TEST = range(6)
@@ -194,6 +198,36 @@ class Federation:
         """The client's tensors, built on first use (only this client's rows), then cached."""
         self._check(partition_id)
         return self._client(partition_id)
+
+    def node_client(self, node_config: Mapping[str, Any], partition_id: int,
+                    heldout: bool) -> ClientData:
+        """The data of the node running this client: its own files when its node config names a
+        ``data-dir`` (a real deployment: an .npz or idx folder, read with the ``folder`` source;
+        ``x_train``/``y_train`` train, ``x_test``/``y_test`` its local test split; a held-out node
+        is evaluated on both), else partition ``partition_id`` of this federation."""
+        data_dir = str(node_config.get(NODE_DATA_DIR_KEY, "") or "")
+        if not data_dir:
+            return self.client(partition_id)
+        return self._local_client(data_dir, partition_id, heldout)
+
+    @functools.lru_cache(maxsize=2)  # noqa: B019 -- one federation per process, a few nodes
+    def _local_client(self, data_dir: str, partition_id: int, heldout: bool) -> ClientData:
+        try:
+            arrays = load_folder(data_dir)
+        except DataSourceError as err:
+            raise DataSourceError(f"node config {NODE_DATA_DIR_KEY}: {err}") from None
+        if arrays.input_shape != self.input_shape or arrays.num_classes > self.num_classes:
+            raise DataSourceError(
+                f"node config {NODE_DATA_DIR_KEY}: {data_dir} holds {arrays.input_shape} inputs "
+                f"with {arrays.num_classes} classes; the run expects {self.input_shape} and at "
+                f"most {self.num_classes} ({self.dataset})")
+        x_tr, y_tr = to_float(arrays.x_train), torch.from_numpy(arrays.y_train.astype(np.int64))
+        x_te, y_te = to_float(arrays.x_test), torch.from_numpy(arrays.y_test.astype(np.int64))
+        if heldout:
+            empty_x, empty_y = x_tr[:0], y_tr[:0]
+            return ClientData(partition_id, True, empty_x, empty_y,
+                              torch.cat([x_tr, x_te]), torch.cat([y_tr, y_te]))
+        return ClientData(partition_id, False, x_tr, y_tr, x_te, y_te)
 
     def _make_client(self, partition_id: int) -> ClientData:
         train_rows, test_rows = self.split_indices(partition_id)

@@ -81,7 +81,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     partition, heldout = node_role(context.node_config, job.cfg.data.num_participants)
     if heldout:
         raise RuntimeError(f"held-out node (partition {partition}) received a train message")
-    data = job.federation.client(partition)
+    data = job.federation.node_client(context.node_config, partition, heldout)
     server_round = int(msg.content["config"]["server-round"])
     model = build_with_arrays(job, msg.content["arrays"], context.state)
     seed = round_seed(job.cfg.run.seed, server_round, partition)
@@ -119,7 +119,7 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     """pACC: a participant's own model (shared arrays + personal state) on its local test split."""
     job = job_for(context.run_config)
     partition, heldout = node_role(context.node_config, job.cfg.data.num_participants)
-    data = job.federation.client(partition)
+    data = job.federation.node_client(context.node_config, partition, heldout)
     model = build_with_arrays(job, msg.content["arrays"], context.state)
     return _evaluate_reply(msg, job, model, data.test_x, data.test_y, heldout, partition)
 
@@ -133,7 +133,7 @@ def handle_zeroshot(msg: Message, context: Context) -> Message:
     partition, heldout = node_role(context.node_config, job.cfg.data.num_participants)
     if not heldout:
         raise RuntimeError(f"participant (partition {partition}) received a zero-shot message")
-    data = job.federation.client(partition)
+    data = job.federation.node_client(context.node_config, partition, heldout)
     model = build_with_arrays(job, msg.content["arrays"], None)
     seed = round_seed(job.cfg.run.seed, int(msg.content["config"]["server-round"]), partition)
     model, x, y = job.method.prepare_heldout(  # a no-op for every zero-shot method

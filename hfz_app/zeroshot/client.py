@@ -45,7 +45,7 @@ def handle_zeroshot(msg: Message, context: Context) -> Message:
     partition, heldout = node_role(context.node_config, cfg.data.num_participants)
     if not heldout:
         raise RuntimeError(f"participant (partition {partition}) received a zero-shot message")
-    data = federation.client(partition)
+    data = federation.node_client(context.node_config, partition, heldout)
     model = build_frozen_model(cfg, federation.input_shape, federation.num_classes,
                                msg.content["arrays"].to_torch_state_dict())
     metrics = frozen_metrics(model, data.test_x, data.test_y, partition)
