@@ -23,7 +23,6 @@ from flwr.app import ArrayRecord, RecordDict
 from torch import Tensor, nn
 
 from hfz_app.config import ConfigError, ModelSection, _build
-from hfz_app.hyper.penalty import hfz_loss
 from hfz_app.hyper.wrapper import HFZOutput, HyperFedZeroModel
 
 PERSONAL_RECORD = "hfz.personal"  # the context.state entry holding a node's personal arrays
@@ -64,6 +63,8 @@ def hyperfedzero(
         options = {**options, "hidden": ",".join(str(w) for w in widths)}
     cfg = _build(ModelSection, options, "", "hyperfedzero() options")
     cfg.hidden_widths()  # validates the comma-separated widths
+    if cfg.embed_dim == 1:
+        raise ConfigError("embed_dim: expected 0 (one per class) or >= 2, got 1")
     shape = tuple(int(d) for d in input_shape)
     if len(shape) != 3 or min(shape) < 1:
         raise ConfigError(
@@ -85,7 +86,8 @@ class HyperFedZeroLoss(nn.Module):
 
     def __init__(self, model: HyperFedZeroModel) -> None:
         super().__init__()
-        self.alpha, self.beta = model.cfg.alpha, model.cfg.beta
+        # Not a submodule: the loss must not own (or move, or list) the model's parameters.
+        object.__setattr__(self, "model", _check_model(model, "HyperFedZeroLoss"))
         self.parts: dict[str, Tensor] = {}
 
     def forward(self, output: HFZOutput, target: Tensor) -> Tensor:
@@ -94,8 +96,7 @@ class HyperFedZeroLoss(nn.Module):
                 f"HyperFedZeroLoss: expected the model's HFZOutput, got {type(output).__name__}"
                 " (pass model(x), not model(x).logits)"
             )
-        total, self.parts = hfz_loss(output.logits, target, output.embedding, self.alpha,
-                                     self.beta)
+        total, self.parts = self.model.loss(output, target)  # incl. the label anchor, if on
         return total
 
 

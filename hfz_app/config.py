@@ -96,7 +96,7 @@ class ModelSection:
     anchor: Literal["none", "labels"] = "none"
     anchor_weight: float = field(default=1.0, metadata=_check(min=0))
     hyper_input: Literal["prob", "log"] = "prob"  # what h sees: e, or its centred log
-    embed_dim: int = field(default=16, metadata=_check(min=2))
+    embed_dim: int = field(default=16, metadata=_check(min=0))  # 0: one per class
     noisy_embed: bool = True
     noise_at_eval: bool = False
     chunk_layout: Literal["row", "flat"] = "row"
@@ -415,6 +415,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"run.eval_every: expected <= run.rounds ({cfg.run.rounds}), got {cfg.run.eval_every}"
         )
+    if cfg.model.embed_dim == 1:
+        raise ConfigError("model.embed_dim: expected 0 (one per class) or >= 2, got 1")
     if cfg.fedjets.top_k > cfg.fedjets.num_experts:
         raise ConfigError(
             f"fedjets.top_k: expected <= fedjets.num_experts ({cfg.fedjets.num_experts}), "

@@ -110,7 +110,7 @@ class RunOutputs:
             if points:
                 ax_emb.plot(*zip(*points), marker="o", ms=3, label=label)
         ax_emb.set(xlabel="round", ylabel="exp(H(mean e))",
-                   title=f"embedding usage (of {self.cfg.model.embed_dim} dims)")
+                   title=f"embedding usage (of {self.cfg.model.embed_dim or 'one per class'} dims)")
         ax_emb.grid(alpha=0.3)
         if ax_emb.lines:
             ax_emb.legend()

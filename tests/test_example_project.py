@@ -100,7 +100,7 @@ def test_hyperfedzero_leaves_module_alone_and_rejects_unknown_options() -> None:
         hyperfedzero(Net(), (1, 8, 8), 10, embed_dimm=8)
     assert str(err.value).startswith("embed_dimm: unknown option of hyperfedzero() (options: ")
     assert "\n" not in str(err.value)
-    with pytest.raises(ConfigError, match="^embed_dim: expected a value >= 2, got 1$"):
+    with pytest.raises(ConfigError, match=r"^embed_dim: expected 0 \(one per class\) or >= 2, got 1$"):
         hyperfedzero(Net(), (1, 8, 8), 10, embed_dim=1)
     with pytest.raises(ConfigError, match="^target: not an option"):
         hyperfedzero(Net(), (1, 8, 8), 10, target="lenet")

@@ -75,7 +75,7 @@ def progress_line(row: dict[str, Any], cfg: Config) -> str:
     if "zacc_std" in row:
         parts[-1] += f" +- {100 * row['zacc_std']:.2f}"
     if "embed_usage_heldout" in row:
-        parts.append(f"usage {row['embed_usage_heldout']:.1f}/{cfg.model.embed_dim}")
+        parts.append(f"usage {row['embed_usage_heldout']:.1f}/{cfg.model.embed_dim or 'classes'}")
     if "epsilon" in row:
         parts.append(f"eps {row['epsilon']:.3g}")
     if row.get("n_dropped"):

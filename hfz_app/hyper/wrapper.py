@@ -16,6 +16,7 @@ an ordinary shared backbone. A forward pass:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -69,9 +70,11 @@ class HyperFedZeroModel(nn.Module):
     ) -> None:
         super().__init__()
         cfg = cfg or ModelSection()
+        if cfg.embed_dim == 0:  # "one dimension per class"
+            cfg = dataclasses.replace(cfg, embed_dim=num_classes)
         if cfg.anchor == "labels" and cfg.embed_dim != num_classes:
             raise ValueError(f"model.embed_dim: anchor 'labels' needs one dimension per class "
-                             f"({num_classes}), got {cfg.embed_dim}")
+                             f"({num_classes}, or 0), got {cfg.embed_dim}")
         self.cfg, self.input_shape, self.num_classes = cfg, tuple(input_shape), num_classes
         self.embed_dim = cfg.embed_dim
         kind = cfg.extractor
