@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hfz_app.checkpoint import load_checkpoint
-from hfz_app.config import load_config
+from hfz_app.config import flatten, load_config
 from hfz_app.data import build_federation
 from hfz_app.methods import get_method
 
@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", required=True)
     args = parser.parse_args()
     ckpt = load_checkpoint(args.checkpoint)
-    cfg = load_config(None, {k: v for k, v in _flat(ckpt.config).items()})
+    cfg = load_config(None, flatten(ckpt.config))
     fed = build_federation(cfg.data, cfg.run.seed)
     method = get_method(cfg.run.method)(cfg, fed.input_shape, fed.num_classes)
     model = method.build_model()
@@ -71,16 +71,6 @@ def main() -> None:
         print(f"| {pid} | {n} | {100 * a:.2f} | {100 * b:.2f} | {100 * e:.2f} |")
     w = 100 * totals / n_total
     print(f"| weighted | {n_total} | {w[0]:.2f} | {w[1]:.2f} | {w[2]:.2f} |")
-
-
-def _flat(tree, prefix=""):
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 if __name__ == "__main__":

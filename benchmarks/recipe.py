@@ -32,6 +32,15 @@ RECIPE = {
 }
 UNIFORM = {"model.embedding": "uniform"}
 M05 = {"server.server_momentum": 0.5}
+# The presets now carry the recipe; every row starts from the plain settings (the paper-faithful
+# per-sample HyperFedZero of hfz_app/config.py's defaults, FedAvg without server momentum) and
+# states what it turns on, so a row means the same whatever the preset holds.
+PLAIN = {
+    "model.granularity": "sample", "model.anchor": "none", "model.embed_dim": 16,
+    "model.generate": "all", "model.chunk_layout": "row", "model.chunk_size": 256,
+    "model.hyper_input": "prob", "train.hyper_output_lr_scale": 0.01, "train.prior_alpha": 0.0,
+    "server.server_momentum": 0.0,
+}
 
 ROWS: dict[str, list[tuple[str, str, dict]]] = {
     "core": [
@@ -84,7 +93,7 @@ def main() -> None:
             for label, method, overrides in ROWS[group]:
                 results, walls, sent = {k: [] for k in METRICS}, [], 0.0
                 for seed in seeds:
-                    o = {"train.torch_threads": 1, "run.rounds": args.rounds, **extra,
+                    o = {"train.torch_threads": 1, "run.rounds": args.rounds, **PLAIN, **extra,
                          **overrides, "run.method": method, "run.seed": seed,
                          "run.name": f"recipe-{group}-{len(lines)}-s{seed}"}
                     metrics, wall = run_once(args.preset, o, out_root)

@@ -247,19 +247,20 @@ class Config:
 
     def flat(self) -> dict[str, Any]:
         """Flat dotted keys (``data.shift.enabled``) -> values; the run-config vocabulary."""
-        return _flatten(self.to_dict())
+        return flatten(self.to_dict())
 
 
 # ---------------------------------------------------------------------------------------------
 # Building and validating
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested sections -> flat dotted keys (``{"data": {"seed": 0}}`` -> ``{"data.seed": 0}``)."""
     out: dict[str, Any] = {}
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
         if isinstance(value, Mapping):
-            out.update(_flatten(value, dotted + "."))
+            out.update(flatten(value, dotted + "."))
         else:
             out[dotted] = value
     return out

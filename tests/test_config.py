@@ -9,6 +9,7 @@ from hfz_app.config import (
     CONF_DIR,
     Config,
     ConfigError,
+    flatten,
     from_run_config,
     load_config,
     run_config_keys,
@@ -87,15 +88,6 @@ def test_unknown_preset_and_bad_yaml(tmp_path: Path) -> None:
 def test_pyproject_declares_exactly_the_config_keys() -> None:
     """Flower rejects run-config keys pyproject.toml does not declare, so the two must match."""
     app_config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-
-    def flatten(tree: dict, prefix: str = "") -> dict:
-        out = {}
-        for key, value in tree.items():
-            if isinstance(value, dict):
-                out |= flatten(value, f"{prefix}{key}.")
-            else:
-                out[f"{prefix}{key}"] = value
-        return out
 
     declared = flatten(app_config)
     assert declared.pop("preset") == "mnist_mlp"

@@ -13,9 +13,10 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
+from hfz_app.config import flatten
 from hfz_app.federation.inprocess import full_run_config, run_inprocess, simulation_node_configs
 from hfz_app.federation.roles import ZEROSHOT_MESSAGE_TYPE
-from hfz_app.zeroshot.frozen import ZeroShotError, flatten
+from hfz_app.zeroshot.frozen import ZeroShotError
 from hfz_app.zeroshot.server import OWN_KEYS, overridable_keys, plan_zeroshot
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hfz_app.config import Config, ConfigError, load_config
+from hfz_app.config import Config, ConfigError, flatten, load_config
 from hfz_app.evaluation.metrics import EMBED_MEAN_KEY
 from hfz_app.hyper import HyperFedZeroModel, build_model, embedding_stats
 from hfz_app.models import build_target
@@ -30,17 +30,6 @@ LOCAL_BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 
 class ZeroShotError(ValueError):
     """A problem with the zero-shot app's input, reported as one line."""
-
-
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested config dict -> flat dotted keys (the run-config vocabulary)."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out |= flatten(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def config_from_dict(tree: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> Config:
