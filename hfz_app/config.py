@@ -411,6 +411,17 @@ def load_config(
 
 def validate(cfg: Config) -> None:
     """Cross-field checks that a single key's range cannot express."""
+    from hfz_app.methods import METHODS  # late: both import this module
+    from hfz_app.models import TARGETS
+
+    if cfg.run.method not in METHODS:
+        raise ConfigError(
+            f"run.method: expected one of {', '.join(METHODS)}, got {cfg.run.method!r}"
+        )
+    if cfg.model.target not in TARGETS:
+        raise ConfigError(
+            f"model.target: expected one of {', '.join(TARGETS)}, got {cfg.model.target!r}"
+        )
     cfg.model.hidden_widths()
     if cfg.run.eval_every > cfg.run.rounds:
         raise ConfigError(

@@ -106,8 +106,18 @@ def main(argv: list[str] | None = None) -> int:
             cfg = plan.cfg
         else:
             cfg = load_config(args.preset, overrides)
+            if cfg.run.resume:  # the run to continue and its last checkpoint exist
+                from hfz_app.outputs import find_resume_point
+
+                print("resume: {} after round {}".format(*find_resume_point(cfg)), flush=True)
         # Fails fast (one line) on missing data or an impossible split, and shows the clients.
-        print(describe(build_federation(cfg.data, cfg.run.seed)), flush=True)
+        federation = build_federation(cfg.data, cfg.run.seed)
+        print(describe(federation), flush=True)
+        if args.app == "train":  # model settings that only building the model can check
+            from hfz_app.methods import get_method
+
+            get_method(cfg.run.method)(cfg, federation.input_shape,
+                                       federation.num_classes).build_model()
     except (ConfigError, DataSourceError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

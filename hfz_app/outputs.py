@@ -4,6 +4,8 @@
 - ``metrics.csv`` (one row per round, fixed columns) and ``metrics.json`` (rows plus per-client
   evaluation replies), rewritten after every round so a crash loses nothing already computed;
 - ``checkpoints/round_NNNN.pt``: the shared arrays after every round (``hfz_app.checkpoint``);
+  ``run.resume=true`` continues the latest ``<run-name>[-N]`` folder from its last checkpoint
+  (:func:`find_resume_point`, :meth:`RunOutputs.restore`);
 - at the end ``curves.png`` (zACC, gACC, pACC against rounds; embedding usage) and a summary.
 """
 
@@ -18,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from hfz_app.config import Config
+from hfz_app.config import Config, ConfigError
 
 COLUMNS = [
     "round", "elapsed_s", "round_time_s",
@@ -29,8 +31,11 @@ COLUMNS = [
     "embed_usage_participants", "embed_entropy_participants",
     "embed_usage_heldout", "embed_entropy_heldout", "embed_distance_heldout",
     "bytes_sent", "bytes_received", "bytes_sent_per_client", "bytes_received_per_client",
-    "n_train_replies", "n_dropped", "epsilon",
+    "n_train_sent", "n_train_replies", "n_dropped", "epsilon",
 ]
+# Settings a resumed run may change: they do not alter what the finished rounds computed.
+RESUME_MAY_CHANGE = ("run.resume", "run.rounds", "run.output_dir", "server.timeout_s",
+                     "train.torch_threads")
 
 
 def resolve_output_root(output_dir: str) -> Path:
@@ -52,7 +57,9 @@ class RunOutputs:
         if directory is None:
             root = resolve_output_root(cfg.run.output_dir)
             directory = root / cfg.run.name
-            if not cfg.run.resume:
+            if cfg.run.resume:
+                directory = latest_run_dir(cfg) or directory
+            else:
                 suffix = 2
                 while (directory / "metrics.csv").exists():
                     directory = root / f"{cfg.run.name}-{suffix}"
@@ -87,6 +94,14 @@ class RunOutputs:
 
     def checkpoint_path(self, server_round: int) -> Path:
         return self.checkpoint_dir / f"round_{server_round:04d}.pt"
+
+    def restore(self, upto_round: int) -> None:
+        """A resumed run: the rows and per-client replies of rounds 0..``upto_round`` from
+        ``metrics.json`` (full precision), so that the files continue as if never interrupted."""
+        payload = json.loads((self.dir / "metrics.json").read_text())
+        self.rows = [row for row in payload["rounds"] if int(row["round"]) <= upto_round]
+        self.clients = {int(r): c for r, c in payload.get("clients", {}).items()
+                        if int(r) <= upto_round}
 
     def plot(self) -> list[Path]:
         """Accuracy curves and embedding usage against rounds (PNG)."""
@@ -150,6 +165,62 @@ class RunOutputs:
             lines.append(f"  {'wall time':<26} {last['elapsed_s']:6.1f} s")
         lines.append(f"  results in {self.dir}")
         return "\n".join(lines)
+
+
+def latest_run_dir(cfg: Config) -> Path | None:
+    """The newest of ``<run-name>``, ``<run-name>-2``, ... that holds a ``metrics.csv``."""
+    root = resolve_output_root(cfg.run.output_dir)
+    latest, directory, suffix = None, root / cfg.run.name, 2
+    while (directory / "metrics.csv").exists():
+        latest, directory = directory, root / f"{cfg.run.name}-{suffix}"
+        suffix += 1
+    return latest
+
+
+def find_resume_point(cfg: Config) -> tuple[Path, int]:
+    """The folder and round a ``run.resume=true`` run continues from: the latest run folder's last
+    round with both a checkpoint and a metrics row. Anything missing or inconsistent is a one-line
+    :class:`ConfigError`."""
+    from hfz_app.checkpoint import load_checkpoint
+
+    directory = latest_run_dir(cfg)
+    if directory is None:
+        root = resolve_output_root(cfg.run.output_dir)
+        raise ConfigError(f"run.resume: expected an earlier run in {root / cfg.run.name} "
+                          f"(metrics.csv), found none")
+    try:
+        logged = {int(r["round"]) for r in json.loads((directory / "metrics.json").read_text())
+                  ["rounds"]}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"run.resume: {directory / 'metrics.json'} is unreadable "
+                          f"({type(err).__name__})") from None
+    saved = sorted((int(p.stem.removeprefix("round_")) for p in
+                    (directory / "checkpoints").glob("round_[0-9][0-9][0-9][0-9].pt")),
+                   reverse=True)
+    last = next((r for r in saved if r in logged), None)
+    if last is None:
+        raise ConfigError(f"run.resume: expected a checkpoint of a logged round in "
+                          f"{directory / 'checkpoints'}, found none")
+    ckpt = load_checkpoint(directory / "checkpoints" / f"round_{last:04d}.pt")
+    if last > cfg.run.rounds:
+        raise ConfigError(f"run.rounds: expected >= {last} (the round {directory} stopped at) "
+                          f"to resume, got {cfg.run.rounds}")
+    saved_cfg, now = _flatten_dict(ckpt.config), cfg.flat()
+    for key in sorted(now):
+        if key not in RESUME_MAY_CHANGE and key in saved_cfg and saved_cfg[key] != now[key]:
+            raise ConfigError(f"{key}: expected {saved_cfg[key]!r} as in the run being resumed "
+                              f"({directory}), got {now[key]!r}")
+    return directory, last
+
+
+def _flatten_dict(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten_dict(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _present(value: Any) -> bool:

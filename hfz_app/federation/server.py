@@ -5,20 +5,23 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 
-from hfz_app.checkpoint import save_checkpoint
-from hfz_app.config import Config, from_run_config
+from hfz_app.checkpoint import load_checkpoint, save_checkpoint
+from hfz_app.config import Config, ConfigError, from_run_config
 from hfz_app.data import build_federation
 from hfz_app.federation.privacy import wrap_strategy
 from hfz_app.federation.roles import discover_roles
 from hfz_app.federation.strategy import HyperFedZeroStrategy
 from hfz_app.methods import Method, get_method
-from hfz_app.outputs import RunOutputs
+from hfz_app.outputs import RunOutputs, find_resume_point
 from hfz_app.training import evaluate
 
 log = logging.getLogger("hfz_app")
@@ -57,8 +60,13 @@ class RoundRecorder:
         if server_round == 0 or self.strategy.is_eval_round(server_round):
             row |= self.global_accuracy(arrays)
         if server_round > 0:
+            sent, got = row.get("n_train_sent"), row.get("n_train_replies", 0)
+            missing = (sent or 0) - got - row.get("n_dropped", 0)
+            if missing > 0:  # a node lost mid-round: its reply never came (no error reply either)
+                log.warning("round %d: %d of %d train replies missing; aggregated the %d that "
+                            "arrived", server_round, missing, sent, got)
             save_checkpoint(self.outputs.checkpoint_path(server_round), arrays,
-                            self.cfg.to_dict(), server_round)
+                            self.cfg.to_dict(), server_round, server_state(self.strategy))
         self.outputs.log_round(row, self.strategy.client_metrics.get(server_round))
         print(progress_line(row, self.cfg), flush=True)
         self.last = time.monotonic()
@@ -84,9 +92,61 @@ def progress_line(row: dict[str, Any], cfg: Config) -> str:
     return " | ".join(parts)
 
 
+def server_state(strategy: HyperFedZeroStrategy) -> dict[str, Any]:
+    """What a restarted ServerApp needs beyond the arrays: FedAvgM's velocity, if any."""
+    velocity = strategy._velocity
+    if velocity is None:
+        return {}
+    return {"velocity": {k: torch.from_numpy(np.array(v, copy=True)) for k, v in velocity.items()}}
+
+
+def restore_server_state(strategy: HyperFedZeroStrategy, state: dict[str, Any]) -> None:
+    if "velocity" in state:
+        strategy._velocity = {k: v.numpy() for k, v in state["velocity"].items()}
+
+
+class ResumedRounds(Strategy):
+    """Runs rounds ``offset + 1 .. offset + num_rounds`` of ``inner`` through Flower's own
+    ``Strategy.start`` loop, which always counts from 1: every round number the loop hands over
+    (configure/aggregate, hence the ``server-round`` the nodes seed from) is shifted by
+    ``offset``. The loop's evaluation of the initial arrays (round 0) is skipped: the resumed run
+    already logged it."""
+
+    def __init__(self, inner: Strategy, offset: int) -> None:
+        self.inner, self.offset = inner, offset
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        return self.inner.configure_train(server_round + self.offset, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self.inner.aggregate_train(server_round + self.offset, replies)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round + self.offset, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round + self.offset, replies)
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    def shifted(self, evaluate_fn):
+        def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            return evaluate_fn(server_round + self.offset, arrays) if server_round else None
+        return evaluate
+
+
 def run_server(grid: Grid, context: Context) -> RunOutputs:
-    """Train with the configured method, evaluating pACC, zACC and gACC as configured."""
+    """Train with the configured method, evaluating pACC, zACC and gACC as configured.
+
+    ``run.resume=true``: continue the latest ``outputs/<run.name>[-N]`` from its last checkpoint
+    (shared arrays, server momentum, metrics rows) to ``run.rounds``; see README "Reliability"."""
     cfg = from_run_config(context.run_config)
+    resume_dir, done = find_resume_point(cfg) if cfg.run.resume else (None, 0)
     federation = build_federation(cfg.data, cfg.run.seed)
     method = get_method(cfg.run.method)(cfg, federation.input_shape, federation.num_classes)
     torch.manual_seed(cfg.run.seed)
@@ -94,7 +154,15 @@ def run_server(grid: Grid, context: Context) -> RunOutputs:
     shared_keys = method.shared_keys(model)
     state = model.state_dict()
     initial = ArrayRecord({k: state[k] for k in shared_keys})
-    outputs = RunOutputs(cfg)
+    outputs = RunOutputs(cfg, resume_dir)
+    if done:
+        ckpt = load_checkpoint(outputs.checkpoint_path(done))
+        if set(ckpt.shared) != set(shared_keys):
+            raise ConfigError(f"checkpoint: {outputs.checkpoint_path(done)} does not hold the "
+                              f"shared arrays of {cfg.run.method}/{cfg.model.target}")
+        initial = ArrayRecord({k: ckpt.shared[k] for k in shared_keys})
+        outputs.restore(done)
+        print(f"resuming {outputs.dir} after round {done} of {cfg.run.rounds}", flush=True)
     print(f"hyperfedzero: {cfg.run.method} on {cfg.data.dataset}/{cfg.model.target}, "
           f"{cfg.data.num_participants} participants + {cfg.data.num_heldout} held out, "
           f"{cfg.run.rounds} rounds; shared {initial.count_bytes() / 1e6:.2f} MB; "
@@ -104,9 +172,18 @@ def run_server(grid: Grid, context: Context) -> RunOutputs:
     )
     strategy = method.strategy(shared_keys, roles)
     recorder = RoundRecorder(cfg, method, strategy, outputs, federation.global_test())
-    wrap_strategy(strategy, cfg).start(  # Flower's DP wrapper if privacy.dp is set
-        grid=grid, initial_arrays=initial, num_rounds=cfg.run.rounds,
-        timeout=cfg.server.timeout_s, evaluate_fn=recorder,
+    wrapped = wrap_strategy(strategy, cfg)  # Flower's DP wrapper if privacy.dp is set
+    evaluate_fn = recorder
+    if done:
+        restore_server_state(strategy, ckpt.server_state)
+        if getattr(wrapped, "ledger", None) is not None:  # DP: the releases already made
+            wrapped.ledger.compose(wrapped.event, done)
+        recorder.start -= float(outputs.rows[-1].get("elapsed_s") or 0.0)
+        wrapped = ResumedRounds(wrapped, done)
+        evaluate_fn = wrapped.shifted(recorder)
+    wrapped.start(
+        grid=grid, initial_arrays=initial, num_rounds=cfg.run.rounds - done,
+        timeout=cfg.server.timeout_s, evaluate_fn=evaluate_fn,
     )
     outputs.plot()
     print(outputs.summary(), flush=True)
