@@ -342,3 +342,120 @@ def test_resume_refuses_a_changed_setting(tmp_path: Path) -> None:
                                    "train.lr": 0.01, "train.torch_threads": 1})
     with pytest.raises(ConfigError, match=r"^train.lr: expected 0.05 as in the run being resumed"):
         find_resume_point(changed)
+
+
+# --- 6. a SuperNode killed mid-round in a real loopback deployment (slow) ----------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait(predicate, timeout_s: float, what: str, poll_s: float = 0.5) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(poll_s)
+
+
+@pytest.mark.slow
+def test_supernode_killed_mid_round_in_a_loopback_deployment(tmp_path: Path) -> None:
+    """A plain (insecure) SuperLink and 3 + 1 SuperNodes on 127.0.0.1; partition 1's SuperNode
+    (and its ClientApp) gets SIGKILL while it trains in round 1. The SuperLink answers for it with
+    an error reply once its heartbeat lapses (Flower: 2 x 30 s), the strategy drops and logs it,
+    and both rounds complete with the other participants."""
+    import signal
+    import time
+    import urllib.request
+
+    bindir = Path(sys.executable).parent
+    env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    port = _free_port()
+    procs: dict[str, subprocess.Popen] = {}
+
+    def start(name: str, home: str, *cmd: str) -> subprocess.Popen:
+        (tmp_path / home).mkdir(exist_ok=True)
+        procs[name] = subprocess.Popen(
+            ["nice", "-n", "5", *cmd], stdout=(logs / f"{name}.log").open("w"),
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            env={**env, "FLWR_HOME": str(tmp_path / home)}, cwd=tmp_path)
+        return procs[name]
+
+    cli_env = {**env, "FLWR_HOME": str(tmp_path / "cli")}
+    (tmp_path / "cli").mkdir()
+    (tmp_path / "cli" / "config.toml").write_text(
+        f'[superlink]\ndefault = "t"\n[superlink.t]\naddress = "127.0.0.1:{port}"\n'
+        "insecure = true\n")
+
+    def flwr(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(bindir / "flwr"), *args], env=cli_env, cwd=ROOT, text=True,
+                              capture_output=True, timeout=120, check=False)
+
+    def healthy() -> bool:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).read()
+            return True
+        except OSError:
+            return False
+
+    try:
+        start("superlink", "link", str(bindir / "flower-superlink"), "--insecure", "--host",
+              "127.0.0.1", "--port", str(port), "--database", str(tmp_path / "link" / "state.db"),
+              "--disable-runtime-dependency-installation")
+        _wait(healthy, 90, "the SuperLink")
+        for i in range(N + M):
+            held = " held-out=true" if i >= N else ""
+            start(f"node-{i}", f"node-{i}", str(bindir / "flower-supernode"), "--insecure",
+                  "--superlink", f"127.0.0.1:{port}", "--port", str(_free_port()),
+                  "--node-config", f"partition-id={i} num-partitions={N + M}{held}")
+        run_config = (f'preset="tiny" run.rounds=2 run.output_dir="{tmp_path / "outputs"}" '
+                      "train.torch_threads=1")
+        submitted = flwr("run", ".", "t", "--format", "json", "--run-config", run_config)
+        run_id = str(json.loads(submitted.stdout)["run-id"])
+        victim = logs / "node-1.log"
+        _wait(lambda: "Receiving: train message" in victim.read_text(), 300,
+              "node 1 to receive its round-1 train message")
+        os.killpg(procs["node-1"].pid, signal.SIGKILL)  # the SuperNode and its ClientApp
+        killed_at = time.monotonic()
+
+        def status() -> str:
+            listed = flwr("ls", "t", "--run-id", run_id, "--format", "json")
+            try:
+                return json.loads(listed.stdout)["runs"][0]["status"]
+            except (ValueError, KeyError, IndexError):
+                return ""
+
+        _wait(lambda: status().startswith("finished"), 420, "the run to finish", poll_s=3)
+        after_kill = time.monotonic() - killed_at
+        final = status()
+        server_log = flwr("log", run_id, "t", "--show").stdout
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert final == "finished:completed", (final, server_log[-3000:])
+    rows = read_rows(tmp_path / "outputs" / "tiny")
+    assert [int(r["round"]) for r in rows] == [0, 1, 2]
+    for r in rows[1:]:  # the lost node's reply is an error reply: dropped, the others aggregated
+        assert (r["n_train_sent"], r["n_train_replies"], r["n_dropped"]) == ("3", "2", "1"), r
+        assert_finite(r)
+    payload = json.loads((tmp_path / "outputs" / "tiny" / "metrics.json").read_text())
+    assert [c["partition-id"] for c in payload["clients"]["2"]["participants"]] == [0, 2]
+    assert "round reply from node" in server_log and "Node Unavailable" in server_log, \
+        server_log[-3000:]
+    print(f"loopback with a killed SuperNode: run finished {after_kill:.0f} s after the kill")
