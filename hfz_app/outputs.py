@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from hfz_app.config import Config, ConfigError
+from hfz_app.config import Config, ConfigError, flatten
 
 COLUMNS = [
     "round", "elapsed_s", "round_time_s",
@@ -205,22 +205,12 @@ def find_resume_point(cfg: Config) -> tuple[Path, int]:
     if last > cfg.run.rounds:
         raise ConfigError(f"run.rounds: expected >= {last} (the round {directory} stopped at) "
                           f"to resume, got {cfg.run.rounds}")
-    saved_cfg, now = _flatten_dict(ckpt.config), cfg.flat()
+    saved_cfg, now = flatten(ckpt.config), cfg.flat()
     for key in sorted(now):
         if key not in RESUME_MAY_CHANGE and key in saved_cfg and saved_cfg[key] != now[key]:
             raise ConfigError(f"{key}: expected {saved_cfg[key]!r} as in the run being resumed "
                               f"({directory}), got {now[key]!r}")
     return directory, last
-
-
-def _flatten_dict(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten_dict(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _present(value: Any) -> bool:

@@ -459,3 +459,22 @@ def test_supernode_killed_mid_round_in_a_loopback_deployment(tmp_path: Path) -> 
     assert "round reply from node" in server_log and "Node Unavailable" in server_log, \
         server_log[-3000:]
     print(f"loopback with a killed SuperNode: run finished {after_kill:.0f} s after the kill")
+
+
+def test_resume_with_dp_keeps_the_privacy_ledger(tmp_path: Path) -> None:
+    """DP noise is unseeded (Flower's), so two runs differ; what must survive a restart is the
+    accounting: every round's epsilon is that of all releases so far (rounds with a valid reply),
+    those before the restart included."""
+    from hfz_app.federation.privacy import epsilon
+
+    dp = {"privacy.dp": "server", "privacy.noise_multiplier": 0.3, "run.method": "fedavg"}
+    with pytest.raises(ServerKilled):
+        run_tiny(tmp_path, grid={"on_message": kill_server_before(3)}, **dp)
+    rows = run_tiny(tmp_path, **dp, **{"run.resume": True})
+    assert [int(r["round"]) for r in rows] == [0, 1, 2, 3]
+    released = 0
+    for r in rows[1:]:
+        released += int(r["n_train_replies"]) > 0
+        expected = epsilon(0.3, released, sample_size=N, population=N, delta=1e-5)
+        assert float(r["epsilon"]) == pytest.approx(expected, rel=1e-5), (r, released)
+    assert released >= 2

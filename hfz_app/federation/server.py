@@ -176,8 +176,9 @@ def run_server(grid: Grid, context: Context) -> RunOutputs:
     evaluate_fn = recorder
     if done:
         restore_server_state(strategy, ckpt.server_state)
-        if getattr(wrapped, "ledger", None) is not None:  # DP: the releases already made
-            wrapped.ledger.compose(wrapped.event, done)
+        released = sum(1 for r in outputs.rows if r["round"] and r.get("n_train_replies"))
+        if getattr(wrapped, "ledger", None) is not None and released:  # DP: releases so far
+            wrapped.ledger.compose(wrapped.event, released)
         recorder.start -= float(outputs.rows[-1].get("elapsed_s") or 0.0)
         wrapped = ResumedRounds(wrapped, done)
         evaluate_fn = wrapped.shifted(recorder)
