@@ -62,6 +62,10 @@ ROWS: dict[str, list[tuple[str, str, dict]]] = {
         ("recipe, no server momentum", "hyperfedzero", RECIPE),
         ("FedAvg, no server momentum", "fedavg", {}),
     ],
+    "noprior": [
+        ("recipe without label-prior batches, `e` uniform (control)", "hyperfedzero",
+         M05 | RECIPE | {"train.prior_alpha": 0.0} | UNIFORM),
+    ],
     "previous": [
         ("previous default (per-sample e, all layers, row), no momentum", "hyperfedzero", {}),
         ("previous default, `e` uniform (control)", "hyperfedzero", UNIFORM),
