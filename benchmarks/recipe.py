@@ -63,8 +63,15 @@ ROWS: dict[str, list[tuple[str, str, dict]]] = {
         ("FedAvg, no server momentum", "fedavg", {}),
     ],
     "noprior": [
+        ("recipe without label-prior batches", "hyperfedzero",
+         M05 | RECIPE | {"train.prior_alpha": 0.0}),
         ("recipe without label-prior batches, `e` uniform (control)", "hyperfedzero",
          M05 | RECIPE | {"train.prior_alpha": 0.0} | UNIFORM),
+    ],
+    "row": [
+        ("recipe, row layout", "hyperfedzero", M05 | RECIPE | {"model.chunk_layout": "row"}),
+        ("recipe, row layout, `e` uniform (control)", "hyperfedzero",
+         M05 | RECIPE | {"model.chunk_layout": "row"} | UNIFORM),
     ],
     "previous": [
         ("previous default (per-sample e, all layers, row), no momentum", "hyperfedzero", {}),

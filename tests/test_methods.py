@@ -11,7 +11,12 @@ from flwr.app import ConfigRecord, MessageType
 
 from client_app import app as client_app
 from hfz_app.config import load_config
-from hfz_app.federation.inprocess import full_run_config, run_inprocess, simulation_node_configs
+from hfz_app.federation.inprocess import (
+    RecordingClientApp,
+    full_run_config,
+    run_inprocess,
+    simulation_node_configs,
+)
 from hfz_app.federation.roles import Roles
 from hfz_app.methods import METHODS, get_method
 from hfz_app.methods.fedjets import MixtureOfExperts, load_balance
@@ -23,20 +28,9 @@ N, M = 3, 1
 TIMING = {"elapsed_s", "round_time_s"}
 
 
-class RecordingClient:
-    """The ClientApp, recording every reply it sends back to the server."""
-
-    def __init__(self) -> None:
-        self.replies = []
-
-    def __call__(self, msg, context):
-        reply = client_app(msg, context)
-        self.replies.append(reply)
-        return reply
-
 
 def run_method(tmp_path: Path, method: str, **overrides):
-    sent, client = [], RecordingClient()
+    sent, client = [], RecordingClientApp(client_app)
     run_config = full_run_config({"run.output_dir": str(tmp_path), "run.method": method,
                                   "run.rounds": 3, "train.torch_threads": 1, **overrides},
                                  preset="tiny")

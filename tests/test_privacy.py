@@ -14,7 +14,12 @@ from flwr.app import MessageType
 from client_app import app as client_app
 from hfz_app.checkpoint import load_checkpoint
 from hfz_app.config import load_config
-from hfz_app.federation.inprocess import full_run_config, run_inprocess, simulation_node_configs
+from hfz_app.federation.inprocess import (
+    RecordingClientApp,
+    full_run_config,
+    run_inprocess,
+    simulation_node_configs,
+)
 from hfz_app.federation.privacy import epsilon, planned_epsilon
 from hfz_app.methods import get_method
 from server_app import app as server_app
@@ -27,18 +32,9 @@ SKIP = {"elapsed_s", "round_time_s", "epsilon"}
 NO_CLIP = 1e6
 
 
-class RecordingClient:
-    def __init__(self) -> None:
-        self.replies = []
-
-    def __call__(self, msg, context):
-        reply = client_app(msg, context)
-        self.replies.append(reply)
-        return reply
-
 
 def run(tmp_path: Path, **overrides):
-    sent, client = [], RecordingClient()
+    sent, client = [], RecordingClientApp(client_app)
     run_config = full_run_config({"run.output_dir": str(tmp_path), "run.rounds": ROUNDS,
                                   "train.torch_threads": 1, **overrides}, preset="tiny")
     run_inprocess(server_app, client, run_config, simulation_node_configs(N + M),

@@ -87,6 +87,20 @@ class InProcessGrid(Grid):
         return replies
 
 
+class RecordingClientApp:
+    """A ClientApp stand-in that records every reply it sends back (for tests and benchmarks:
+    what left each node)."""
+
+    def __init__(self, client_app: ClientApp) -> None:
+        self.client_app = client_app
+        self.replies: list[Message] = []
+
+    def __call__(self, msg: Message, context: Context) -> Message:
+        reply = self.client_app(msg, context)
+        self.replies.append(reply)
+        return reply
+
+
 def simulation_node_configs(num_nodes: int, first_id: int = 1001) -> dict[int, dict[str, Any]]:
     """Node configs as Flower's simulation engine makes them (partition-id, num-partitions)."""
     return {first_id + i: {"partition-id": i, "num-partitions": num_nodes}
