@@ -41,6 +41,7 @@ class RoundRecorder:
     ) -> None:
         self.cfg, self.method, self.strategy, self.outputs = cfg, method, strategy, outputs
         self.global_test = global_test
+        self.num_classes = method.num_classes
         self.start = self.last = time.monotonic()
 
     def global_accuracy(self, arrays: ArrayRecord) -> dict[str, float]:
@@ -68,12 +69,12 @@ class RoundRecorder:
             save_checkpoint(self.outputs.checkpoint_path(server_round), arrays,
                             self.cfg.to_dict(), server_round, server_state(self.strategy))
         self.outputs.log_round(row, self.strategy.client_metrics.get(server_round))
-        print(progress_line(row, self.cfg), flush=True)
+        print(progress_line(row, self.cfg, self.num_classes), flush=True)
         self.last = time.monotonic()
         return MetricRecord({k: float(row[k]) for k in ("gacc", "gloss") if k in row})
 
 
-def progress_line(row: dict[str, Any], cfg: Config) -> str:
+def progress_line(row: dict[str, Any], cfg: Config, num_classes: int = 0) -> str:
     parts = [f"[round {row['round']:>3}/{cfg.run.rounds}]"]
     if "train_loss" in row:
         parts.append(f"loss {row['train_loss']:.3f}")
@@ -83,7 +84,8 @@ def progress_line(row: dict[str, Any], cfg: Config) -> str:
     if "zacc_std" in row:
         parts[-1] += f" +- {100 * row['zacc_std']:.2f}"
     if "embed_usage_heldout" in row:
-        parts.append(f"usage {row['embed_usage_heldout']:.1f}/{cfg.model.embed_dim or 'classes'}")
+        dims = cfg.model.embed_dim or num_classes  # 0: one dimension per class
+        parts.append(f"usage {row['embed_usage_heldout']:.1f}/{dims}")
     if "epsilon" in row:
         parts.append(f"eps {row['epsilon']:.3g}")
     if row.get("n_dropped"):
