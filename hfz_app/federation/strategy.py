@@ -25,6 +25,8 @@ from hfz_app.evaluation.metrics import summarise_evaluation
 from hfz_app.federation.roles import ZEROSHOT_MESSAGE_TYPE, Roles
 
 log = logging.getLogger("hfz_app")
+# How long a strategy without given roles waits for min_available_nodes before giving up.
+NODE_WAIT_S = 600.0
 
 
 class HyperFedZeroStrategy(FedAvg):
@@ -123,7 +125,11 @@ class HyperFedZeroStrategy(FedAvg):
         if not self.discover_roles:
             return
         needed = max(self.min_available_nodes, self.min_train_nodes, 1)
+        deadline = time.monotonic() + NODE_WAIT_S
         while len(node_ids := sorted(grid.get_node_ids())) < needed:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"min_available_nodes: {len(node_ids)} of {needed} nodes "
+                                   f"connected after {NODE_WAIT_S:.0f} s")
             log.info("waiting for nodes: %d of %d connected", len(node_ids), needed)
             time.sleep(1.0)
         self.roles = Roles(participants=tuple(node_ids), heldout=(),
