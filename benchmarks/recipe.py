@@ -1,6 +1,6 @@
 """Issue 12's lever table: every recipe lever on and off, with its no-conditioning control.
 
-    python benchmarks/recipe.py --seeds 0,1,2 --out docs/RECIPE_table.md          # MNIST/MLP
+    python benchmarks/recipe.py --seeds 0,1,2 --rows core,flat --out docs/RECIPE_table.md
     python benchmarks/recipe.py --preset fashion_mnist_lenet_s --rows core --seeds 0 --out ...
 
 Every row runs through the real ServerApp/ClientApp (in-process Grid) with the same data split,
@@ -23,13 +23,14 @@ from compare_methods import METRICS, fmt, run_once
 
 # The recipe: a label-anchored extractor (dimension k = class k), its embedding pooled over the
 # client's unlabelled inputs (over the local batch in training), label-prior batches so that the
-# pooled embedding varies within a client, and a flat hypernetwork on log(e) that generates the
-# classifier (the last Linear).
+# pooled embedding varies within a client, and a row-chunked hypernetwork on log(e) that generates
+# the classifier (the last Linear).
 RECIPE = {
     "model.granularity": "client", "model.anchor": "labels", "model.embed_dim": 10,
-    "model.generate": "head", "model.chunk_layout": "flat", "model.chunk_size": 256,
+    "model.generate": "head", "model.chunk_layout": "row", "model.chunk_size": 256,
     "model.hyper_input": "log", "train.hyper_output_lr_scale": 1.0, "train.prior_alpha": 1.0,
 }
+FLAT = RECIPE | {"model.chunk_layout": "flat"}  # the first recipe; the lever rows start from it
 UNIFORM = {"model.embedding": "uniform"}
 M05 = {"server.server_momentum": 0.5}
 # The presets now carry the recipe; every row starts from the plain settings (the paper-faithful
@@ -41,41 +42,38 @@ PLAIN = {
     "model.hyper_input": "prob", "train.hyper_output_lr_scale": 0.01, "train.prior_alpha": 0.0,
     "server.server_momentum": 0.0,
 }
+HFZ = "hyperfedzero"
 
 ROWS: dict[str, list[tuple[str, str, dict]]] = {
     "core": [
         ("FedAvg, server momentum 0.5", "fedavg", M05),
         ("FedAvg + label-prior batches, momentum 0.5", "fedavg", M05 | {"train.prior_alpha": 1.0}),
-        ("**recipe** (momentum 0.5)", "hyperfedzero", M05 | RECIPE),
-        ("recipe, `e` uniform (control)", "hyperfedzero", M05 | RECIPE | UNIFORM),
+        ("**recipe** (row chunks, momentum 0.5)", HFZ, M05 | RECIPE),
+        ("recipe, `e` uniform (control)", HFZ, M05 | RECIPE | UNIFORM),
     ],
-    "levers": [
-        ("recipe, bias only (`generate: classifier.bias`, MLP)", "hyperfedzero",
-         M05 | RECIPE | {"model.generate": "classifier.bias", "model.chunk_size": 10}),
-        ("recipe without label-prior batches", "hyperfedzero", M05 | RECIPE | {"train.prior_alpha": 0.0}),
-        ("recipe, h sees `e` (not log e)", "hyperfedzero", M05 | RECIPE | {"model.hyper_input": "prob"}),
-        ("recipe without the label anchor (learned e, d=16)", "hyperfedzero",
-         M05 | RECIPE | {"model.anchor": "none", "model.embed_dim": 16}),
-        ("recipe, pooled per eval batch (`granularity: batch`)", "hyperfedzero",
-         M05 | RECIPE | {"model.granularity": "batch"}),
-        ("recipe, row layout", "hyperfedzero", M05 | RECIPE | {"model.chunk_layout": "row"}),
-        ("recipe, no server momentum", "hyperfedzero", RECIPE),
+    "flat": [
+        ("flat chunks", HFZ, M05 | FLAT),
+        ("flat chunks, `e` uniform (control)", HFZ, M05 | FLAT | UNIFORM),
+        ("flat, bias only (`generate: classifier.bias`, MLP)", HFZ,
+         M05 | FLAT | {"model.generate": "classifier.bias", "model.chunk_size": 10}),
+        ("flat, without label-prior batches", HFZ, M05 | FLAT | {"train.prior_alpha": 0.0}),
+        ("flat, without label-prior batches, `e` uniform (control)", HFZ,
+         M05 | FLAT | {"train.prior_alpha": 0.0} | UNIFORM),
+        ("flat, h sees `e` (not log e)", HFZ, M05 | FLAT | {"model.hyper_input": "prob"}),
+        ("flat, without the label anchor (learned e, d=16)", HFZ,
+         M05 | FLAT | {"model.anchor": "none", "model.embed_dim": 16}),
+        ("flat, pooled per eval batch (`granularity: batch`)", HFZ,
+         M05 | FLAT | {"model.granularity": "batch"}),
+        ("flat, no server momentum", HFZ, FLAT),
         ("FedAvg, no server momentum", "fedavg", {}),
     ],
-    "noprior": [
-        ("recipe without label-prior batches", "hyperfedzero",
-         M05 | RECIPE | {"train.prior_alpha": 0.0}),
-        ("recipe without label-prior batches, `e` uniform (control)", "hyperfedzero",
-         M05 | RECIPE | {"train.prior_alpha": 0.0} | UNIFORM),
-    ],
-    "row": [
-        ("recipe, row layout", "hyperfedzero", M05 | RECIPE | {"model.chunk_layout": "row"}),
-        ("recipe, row layout, `e` uniform (control)", "hyperfedzero",
-         M05 | RECIPE | {"model.chunk_layout": "row"} | UNIFORM),
+    "recipe": [  # the core group's two HyperFedZero rows, e.g. for another preset
+        ("**recipe** (row chunks, momentum 0.5)", HFZ, M05 | RECIPE),
+        ("recipe, `e` uniform (control)", HFZ, M05 | RECIPE | UNIFORM),
     ],
     "previous": [
-        ("previous default (per-sample e, all layers, row), no momentum", "hyperfedzero", {}),
-        ("previous default, `e` uniform (control)", "hyperfedzero", UNIFORM),
+        ("previous default (per-sample e, all layers, row), no momentum", HFZ, {}),
+        ("previous default, `e` uniform (control)", HFZ, UNIFORM),
     ],
 }
 
@@ -83,7 +81,7 @@ ROWS: dict[str, list[tuple[str, str, dict]]] = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="mnist_mlp")
-    parser.add_argument("--rows", default="core,levers,previous")
+    parser.add_argument("--rows", default="core,flat,previous")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--extra", default="", help="k=v,k=v added to every row (e.g. shift)")

@@ -111,7 +111,7 @@ def test_extends_starts_from_the_base_preset(tmp_path: Path) -> None:
     ("ablation_no_balance", "alpha", 0.0),
     ("ablation_input_conditioning", "conditioning", "input"),
     ("ablation_batch_granularity", "granularity", "batch"),
-    ("ablation_row_chunks", "chunk_layout", "row"),
+    ("ablation_flat_chunks", "chunk_layout", "flat"),
     ("control_uniform_embedding", "embedding", "uniform"),
 ])
 def test_ablation_presets_change_one_thing_and_train(preset: str, key: str, value) -> None:
