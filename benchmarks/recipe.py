@@ -67,6 +67,13 @@ ROWS: dict[str, list[tuple[str, str, dict]]] = {
         ("flat, no server momentum", HFZ, FLAT),
         ("FedAvg, no server momentum", "fedavg", {}),
     ],
+    "noprior": [
+        ("recipe without label-prior batches", HFZ, M05 | RECIPE | {"train.prior_alpha": 0.0}),
+    ],
+    "noprior-control": [
+        ("recipe without label-prior batches, `e` uniform (control)", HFZ,
+         M05 | RECIPE | {"train.prior_alpha": 0.0} | UNIFORM),
+    ],
     "recipe": [  # the core group's two HyperFedZero rows, e.g. for another preset
         ("**recipe** (row chunks, momentum 0.5)", HFZ, M05 | RECIPE),
         ("recipe, `e` uniform (control)", HFZ, M05 | RECIPE | UNIFORM),
