@@ -74,6 +74,7 @@ ROWS: dict[str, list[tuple[str, str, dict]]] = {
         ("recipe without label-prior batches, `e` uniform (control)", HFZ,
          M05 | RECIPE | {"train.prior_alpha": 0.0} | UNIFORM),
     ],
+    "fedavg": [("FedAvg, server momentum 0.5", "fedavg", M05)],
     "recipe": [  # the core group's two HyperFedZero rows, e.g. for another preset
         ("**recipe** (row chunks, momentum 0.5)", HFZ, M05 | RECIPE),
         ("recipe, `e` uniform (control)", HFZ, M05 | RECIPE | UNIFORM),
