@@ -47,7 +47,6 @@ HFZ = "hyperfedzero"
 ROWS: dict[str, list[tuple[str, str, dict]]] = {
     "core": [
         ("FedAvg, server momentum 0.5", "fedavg", M05),
-        ("FedAvg + label-prior batches, momentum 0.5", "fedavg", M05 | {"train.prior_alpha": 1.0}),
         ("**recipe** (row chunks, momentum 0.5)", HFZ, M05 | RECIPE),
         ("recipe, `e` uniform (control)", HFZ, M05 | RECIPE | UNIFORM),
     ],

@@ -147,7 +147,8 @@ class TrainSection:
     extractor_lr_scale: float = field(default=1.0, metadata=_check(gt=0))
     torch_threads: int = field(default=0, metadata=_check(min=0))  # 0: torch's default
     # Label-prior augmentation: each local batch draws its label mix from Dir(prior_alpha) over
-    # the client's classes (0: plain shuffled batches). See hfz_app.training.batch_indices.
+    # the client's classes (0: plain shuffled batches). See hfz_app.training.batch_indices. Used
+    # by methods that condition on the batch (HyperFedZero); baselines ignore it.
     prior_alpha: float = field(default=0.0, metadata=_check(min=0))
 
 

@@ -163,3 +163,13 @@ def test_finetune_reference_evaluates_on_the_unlabelled_rest(tmp_path) -> None:
     n = len(heldout.test_x)
     assert zeroshot and all(
         int(r.content["metrics"]["num-examples"]) == n - int(0.25 * n) for r in zeroshot)
+
+
+def test_label_prior_batches_are_hyperfedzeros_alone(tmp_path) -> None:
+    """A baseline run with a preset that turns them on for HyperFedZero trains as without them."""
+    plain, _, _, _ = run_method(tmp_path / "a", "fedavg")
+    prior, _, _, _ = run_method(tmp_path / "b", "fedavg", **{"train.prior_alpha": 1.0})
+    assert [r["train_loss"] for r in plain] == [r["train_loss"] for r in prior]
+    hfz, _, _, _ = run_method(tmp_path / "c", "hyperfedzero")
+    hfz_prior, _, _, _ = run_method(tmp_path / "d", "hyperfedzero", **{"train.prior_alpha": 1.0})
+    assert hfz[1]["train_loss"] != hfz_prior[1]["train_loss"]

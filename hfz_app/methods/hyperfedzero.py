@@ -18,6 +18,7 @@ from hfz_app.methods.base import Method
 
 class HyperFedZeroMethod(Method):
     name = "hyperfedzero"
+    uses_label_prior_batches = True
 
     def build_model(self) -> nn.Module:
         return build_model(self.cfg.model, self.input_shape, self.num_classes)
