@@ -111,8 +111,10 @@ class _Accounted:
     inner: HyperFedZeroStrategy
     privacy: PrivacySection
 
-    def _setup(self, inner: HyperFedZeroStrategy, privacy: PrivacySection, population: int,
-               sampled: int) -> None:
+    def __init__(self, inner: HyperFedZeroStrategy, privacy: PrivacySection, population: int,
+                 sampled: int) -> None:
+        # The next class in the MRO is the Flower wrapper: (strategy, noise, clipping, sampled).
+        super().__init__(inner, privacy.noise_multiplier, privacy.clipping_norm, sampled)
         self.inner, self.privacy = inner, privacy
         self.ledger = (make_accountant(population, privacy.delta, privacy.accounting)
                        if privacy.noise_multiplier > 0 else None)
@@ -136,6 +138,14 @@ class _Accounted:
                 msg.content[metrics_key] = metrics
         return kept, len(replies) - len(kept)
 
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Flower's clipping and noise over the valid replies, then one accountant event."""
+        kept, dropped = self._prepare(replies)
+        arrays, metrics = super().aggregate_train(server_round, kept)
+        self._account(server_round, arrays, dropped)
+        return arrays, metrics
+
     def _account(self, server_round: int, arrays: ArrayRecord | None, dropped: int) -> None:
         stats = self.inner.round_stats.setdefault(server_round, {})
         stats["n_dropped"] = stats.get("n_dropped", 0) + dropped
@@ -150,36 +160,10 @@ class _Accounted:
 class ServerSideFixedClipping(_Accounted, DifferentialPrivacyServerSideFixedClipping):
     """Flower's server-side fixed clipping around a HyperFedZeroStrategy, with accounting."""
 
-    def __init__(self, inner: HyperFedZeroStrategy, privacy: PrivacySection, population: int,
-                 sampled: int) -> None:
-        DifferentialPrivacyServerSideFixedClipping.__init__(
-            self, inner, privacy.noise_multiplier, privacy.clipping_norm, sampled)
-        self._setup(inner, privacy, population, sampled)
-
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        kept, dropped = self._prepare(replies)
-        arrays, metrics = super().aggregate_train(server_round, kept)
-        self._account(server_round, arrays, dropped)
-        return arrays, metrics
-
 
 class ClientSideFixedClipping(_Accounted, DifferentialPrivacyClientSideFixedClipping):
     """Flower's client-side fixed clipping around a HyperFedZeroStrategy, with accounting; the
     nodes clip with Flower's ``fixedclipping_mod`` (see :func:`privacy_mod`)."""
-
-    def __init__(self, inner: HyperFedZeroStrategy, privacy: PrivacySection, population: int,
-                 sampled: int) -> None:
-        DifferentialPrivacyClientSideFixedClipping.__init__(
-            self, inner, privacy.noise_multiplier, privacy.clipping_norm, sampled)
-        self._setup(inner, privacy, population, sampled)
-
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        kept, dropped = self._prepare(replies)
-        arrays, metrics = super().aggregate_train(server_round, kept)
-        self._account(server_round, arrays, dropped)
-        return arrays, metrics
 
 
 def wrap_strategy(strategy: HyperFedZeroStrategy, cfg: Config) -> Strategy:
