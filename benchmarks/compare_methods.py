@@ -47,6 +47,22 @@ def run_once(preset: str, overrides: dict, out_root: str) -> tuple[dict, float]:
     return {k: float(last[k]) for k in (*METRICS, "bytes_sent_per_client")}, wall
 
 
+def run_seeds(preset: str, overrides: dict, seeds: list[int], out_root: str,
+              name: str) -> tuple[str, float, float]:
+    """One run per seed (named ``{name}-s{seed}``): the table cells ``zACC | gACC | pACC`` as
+    mean +- std, bytes sent per client per round, and the mean wall time of a run."""
+    results: dict[str, list[float]] = {k: [] for k in METRICS}
+    walls, sent = [], 0.0
+    for seed in seeds:
+        metrics, wall = run_once(
+            preset, {**overrides, "run.seed": seed, "run.name": f"{name}-s{seed}"}, out_root)
+        for k in METRICS:
+            results[k].append(metrics[k])
+        walls.append(wall)
+        sent = metrics["bytes_sent_per_client"]
+    return " | ".join(fmt(results[k]) for k in METRICS), sent, statistics.mean(walls)
+
+
 def fmt(values: list[float]) -> str:
     mean = 100 * statistics.mean(values)
     std = 100 * statistics.pstdev(values) if len(values) > 1 else 0.0
@@ -78,17 +94,10 @@ def main() -> None:
         out_root = str(args.keep) if args.keep else tmp
         for name, extra in variants.items():
             for method in args.methods.split(","):
-                results, walls, sent = {k: [] for k in METRICS}, [], 0.0
-                for seed in [int(s) for s in args.seeds.split(",")]:
-                    overrides = {**common, **extra, "run.method": method, "run.seed": seed,
-                                 "run.name": f"{name}-{method}-s{seed}"}
-                    metrics, wall = run_once(args.preset, overrides, out_root)
-                    for k in METRICS:
-                        results[k].append(metrics[k])
-                    sent = metrics["bytes_sent_per_client"]
-                    walls.append(wall)
-                line = (f"| {name} | {method} | " + " | ".join(fmt(results[k]) for k in METRICS)
-                        + f" | {sent / 1e6:.2f} | {statistics.mean(walls):.0f} |")
+                cells, sent, wall = run_seeds(
+                    args.preset, {**common, **extra, "run.method": method},
+                    [int(s) for s in args.seeds.split(",")], out_root, f"{name}-{method}")
+                line = f"| {name} | {method} | {cells} | {sent / 1e6:.2f} | {wall:.0f} |"
                 lines.append(line)
                 print(line, flush=True)
     if args.out:

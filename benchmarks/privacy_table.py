@@ -13,7 +13,6 @@ is the accountant's value after the last round at ``privacy.delta`` (``inf`` wit
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from compare_methods import METRICS, fmt, run_once
+from compare_methods import run_seeds
 
 from hfz_app.config import load_config
 from hfz_app.federation.privacy import planned_epsilon
@@ -53,20 +52,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods.split(","):
             for label, extra in settings:
-                results, walls = {k: [] for k in METRICS}, []
-                for seed in [int(s) for s in args.seeds.split(",")]:
-                    overrides = {**common, **extra, "run.method": method, "run.seed": seed,
-                                 "run.name": f"{method}-{label.replace(' ', '')}-s{seed}"}
-                    metrics, wall = run_once(args.preset, overrides, tmp)
-                    for k in METRICS:
-                        results[k].append(metrics[k])
-                    walls.append(wall)
+                cells, _, wall = run_seeds(
+                    args.preset, {**common, **extra, "run.method": method},
+                    [int(s) for s in args.seeds.split(",")], tmp,
+                    f"{method}-{label.replace(' ', '')}")
                 cfg = load_config(args.preset, {**common, **extra})
                 eps = "-" if not extra else f"{planned_epsilon(cfg):.3g}"
                 dp = "none" if not extra else f"{args.dp}, C={args.clip:g}, {label}"
-                line = (f"| {method} | {dp} | {eps} | "
-                        + " | ".join(fmt(results[k]) for k in METRICS)
-                        + f" | {statistics.mean(walls):.0f} |")
+                line = f"| {method} | {dp} | {eps} | {cells} | {wall:.0f} |"
                 lines.append(line)
                 print(line, flush=True)
     if args.out:

@@ -11,7 +11,6 @@ rewritten after every row, so an interrupted sweep keeps what it measured.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -19,14 +18,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from compare_methods import METRICS, fmt, run_once
+from compare_methods import run_seeds
 
 # The recipe: a label-anchored extractor (dimension k = class k), its embedding pooled over the
 # client's unlabelled inputs (over the local batch in training), label-prior batches so that the
 # pooled embedding varies within a client, and a row-chunked hypernetwork on log(e) that generates
 # the classifier (the last Linear).
 RECIPE = {
-    "model.granularity": "client", "model.anchor": "labels", "model.embed_dim": 10,
+    "model.granularity": "client", "model.anchor": "labels", "model.embed_dim": 0,
     "model.generate": "head", "model.chunk_layout": "row", "model.chunk_size": 256,
     "model.hyper_input": "log", "train.hyper_output_lr_scale": 1.0, "train.prior_alpha": 1.0,
 }
@@ -107,19 +106,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as out_root:
         for group in args.rows.split(","):
             for label, method, overrides in ROWS[group]:
-                results, walls, sent = {k: [] for k in METRICS}, [], 0.0
-                for seed in seeds:
-                    o = {"train.torch_threads": 1, "run.rounds": args.rounds, **PLAIN, **extra,
-                         **overrides, "run.method": method, "run.seed": seed,
-                         "run.name": f"recipe-{group}-{len(lines)}-s{seed}"}
-                    metrics, wall = run_once(args.preset, o, out_root)
-                    for k in METRICS:
-                        results[k].append(metrics[k])
-                    walls.append(wall)
-                    sent = metrics["bytes_sent_per_client"]
-                line = (f"| {group} | {label} | "
-                        + " | ".join(fmt(results[k]) for k in METRICS)
-                        + f" | {sent / 1e6:.2f} | {statistics.mean(walls):.0f} |")
+                o = {"train.torch_threads": 1, "run.rounds": args.rounds, **PLAIN, **extra,
+                     **overrides, "run.method": method}
+                cells, sent, wall = run_seeds(args.preset, o, seeds, out_root,
+                                              f"recipe-{group}-{len(lines)}")
+                line = f"| {group} | {label} | {cells} | {sent / 1e6:.2f} | {wall:.0f} |"
                 lines.append(line)
                 print(line, flush=True)
                 if args.out:
