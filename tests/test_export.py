@@ -14,24 +14,10 @@ import torch
 from hfz_app import export
 from hfz_app.checkpoint import load_checkpoint, save_checkpoint
 from hfz_app.data import build_federation
-from hfz_app.federation.inprocess import full_run_config, run_inprocess, simulation_node_configs
 from hfz_app.models import build_target
 from hfz_app.zeroshot.frozen import build_frozen_model, config_from_dict, pooled_embedding
 
-N, M = 3, 1
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """A 1-round HyperFedZero training run (tiny preset) through the training app, in-process."""
-    from client_app import app as client_app
-    from server_app import app as server_app
-
-    out = tmp_path_factory.mktemp("outputs")
-    run_config = full_run_config({"run.output_dir": str(out), "run.rounds": 1,
-                                  "train.torch_threads": 1}, preset="tiny")
-    run_inprocess(server_app, client_app, run_config, simulation_node_configs(N + M))
-    return out
+N = 3  # the tiny preset's participants; partition N is its held-out client
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 from hfz_app.config import flatten
-from hfz_app.federation.inprocess import full_run_config, run_inprocess, simulation_node_configs
+from hfz_app.federation.inprocess import run_inprocess, simulation_node_configs
 from hfz_app.federation.roles import ZEROSHOT_MESSAGE_TYPE
 from hfz_app.zeroshot.frozen import ZeroShotError
 from hfz_app.zeroshot.server import OWN_KEYS, overridable_keys, plan_zeroshot
@@ -37,19 +37,6 @@ def declared_run_config() -> dict:
 
 def zeroshot_run_config(out: Path, **overrides) -> dict:
     return declared_run_config() | {"output-dir": str(out), "train.torch_threads": 1} | overrides
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """A 1-round HyperFedZero training run (tiny preset) through the training app, in-process."""
-    from client_app import app as client_app
-    from server_app import app as server_app
-
-    out = tmp_path_factory.mktemp("outputs")
-    run_config = full_run_config({"run.output_dir": str(out), "run.rounds": 1,
-                                  "train.torch_threads": 1}, preset="tiny")
-    run_inprocess(server_app, client_app, run_config, simulation_node_configs(N + M))
-    return out
 
 
 @pytest.fixture(scope="module")
