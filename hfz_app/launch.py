@@ -83,6 +83,19 @@ def wait_healthy(port: int, superlink: subprocess.Popen, timeout_s: float = 60.0
     raise RuntimeError(f"the SuperLink did not become healthy on port {port} in {timeout_s:.0f}s")
 
 
+def stop_process_groups(procs: list[subprocess.Popen], timeout_s: float = 30.0) -> None:
+    """SIGTERM the process group of each process we started (``start_new_session``) that still
+    runs, then wait for each and SIGKILL its group if it outlives ``timeout_s``."""
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--app", choices=sorted(APPS), default="train",
@@ -177,12 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run {run_id} completed in {wall:.0f} s", flush=True)
         return 0
     finally:
-        if superlink.poll() is None:
-            os.killpg(superlink.pid, signal.SIGTERM)
-            try:
-                superlink.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(superlink.pid, signal.SIGKILL)
+        stop_process_groups([superlink])
         if not args.keep_home:
             shutil.rmtree(home, ignore_errors=True)
 

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +23,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from hfz_app.launch import stop_process_groups
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -310,14 +311,7 @@ def test_simulation_on_a_two_node_ray_cluster(tmp_path: Path) -> None:
         assert actor_logs(head_dir) and actor_logs(worker_dir), \
             (actor_logs(head_dir), actor_logs(worker_dir))
     finally:
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in reversed(procs):
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        stop_process_groups(list(reversed(procs)))
         left = wait_until_gone(str(head_dir)) + wait_until_gone(str(worker_dir))
         shutil.rmtree(head_dir, ignore_errors=True)
         shutil.rmtree(worker_dir, ignore_errors=True)

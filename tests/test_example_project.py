@@ -7,7 +7,6 @@ import difflib
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -46,7 +45,7 @@ from hfz_app.federation.inprocess import (
     _set_task_identity,
     simulation_node_configs,
 )
-from hfz_app.launch import free_port, wait_healthy
+from hfz_app.launch import free_port, stop_process_groups, wait_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "existing-project"
@@ -352,9 +351,4 @@ def test_example_runs_with_flwr_run(tmp_path: Path) -> None:
             sys.path.remove(str(EXAMPLE))
         assert set(saved) == set(hfz_net().shared_keys())
     finally:
-        if superlink.poll() is None:
-            os.killpg(superlink.pid, signal.SIGTERM)
-            try:
-                superlink.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(superlink.pid, signal.SIGKILL)
+        stop_process_groups([superlink])

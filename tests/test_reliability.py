@@ -26,6 +26,7 @@ from flwr.app import Array, ArrayRecord, MessageType
 from client_app import app as client_app
 from hfz_app.checkpoint import load_checkpoint, save_checkpoint
 from hfz_app.federation.inprocess import full_run_config, run_inprocess, simulation_node_configs
+from hfz_app.launch import stop_process_groups
 from server_app import app as server_app
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -440,14 +441,7 @@ def test_supernode_killed_mid_round_in_a_loopback_deployment(tmp_path: Path) -> 
         final = status()
         server_log = flwr("log", run_id, "t", "--show").stdout
     finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs.values():
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        stop_process_groups(list(procs.values()))
     assert final == "finished:completed", (final, server_log[-3000:])
     rows = read_rows(tmp_path / "outputs" / "tiny")
     assert [int(r["round"]) for r in rows] == [0, 1, 2]
