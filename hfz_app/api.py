@@ -166,6 +166,5 @@ def zero_shot_model(
     Checkpoint-based export of the app's own runs: ``python -m hfz_app.export``."""
     hfz = _check_model(model, "zero_shot_model")
     hfz.eval()
-    total = sum(hfz.embed(chunk).sum(0) for chunk in x_unlabelled.split(batch_size))
-    module.load_state_dict(hfz.generate(total / len(x_unlabelled)))
+    module.load_state_dict(hfz.generate(hfz.pooled_embedding(x_unlabelled, batch_size)))
     return module.eval()
