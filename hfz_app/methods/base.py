@@ -17,7 +17,7 @@ from torch import nn
 from hfz_app.config import Config
 from hfz_app.federation.roles import Roles
 from hfz_app.federation.strategy import HyperFedZeroStrategy
-from hfz_app.training import make_optimizer, train_epochs
+from hfz_app.training import LossFn, make_optimizer, train_epochs
 
 # Buffers that describe one client's data, never another's: kept local by every method.
 LOCAL_BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
@@ -72,10 +72,16 @@ class Method:
         ``model`` holds the received shared arrays and this client's personal state; ``config`` is
         the round's ConfigRecord from the strategy (``server-round``, and e.g. FedProx's
         ``proximal-mu``)."""
+        return self.fit(model, self.loss, x, y, generator)
+
+    def fit(self, model: nn.Module, loss: LossFn, x: torch.Tensor, y: torch.Tensor,
+            generator: torch.Generator) -> dict[str, float]:
+        """``train.local_epochs`` of ``loss`` over the method's parameter groups (the shared loop
+        for methods that change only the loss, e.g. FedProx)."""
         train = self.cfg.train
         optimizer = make_optimizer(self.param_groups(model), train)
         return train_epochs(
-            model, self.loss, x, y, optimizer,
+            model, loss, x, y, optimizer,
             epochs=train.local_epochs, batch_size=train.batch_size, generator=generator,
             prior_alpha=train.prior_alpha if self.uses_label_prior_batches else 0.0,
         )

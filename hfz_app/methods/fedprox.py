@@ -12,7 +12,6 @@ from torch import nn
 from hfz_app.federation.roles import Roles
 from hfz_app.federation.strategy import HyperFedZeroStrategy
 from hfz_app.methods.fedavg import FedAvgMethod
-from hfz_app.training import make_optimizer, train_epochs
 
 
 class FedProxStrategy(FedProx, HyperFedZeroStrategy):
@@ -55,10 +54,7 @@ class FedProxMethod(FedAvgMethod):
             ce = nn.functional.cross_entropy(m(xb), yb)
             return ce + 0.5 * mu * proximal_term(m, anchor), {"train_ce": float(ce.detach())}
 
-        train = self.cfg.train
-        return train_epochs(model, loss, x, y, make_optimizer(self.param_groups(model), train),
-                            epochs=train.local_epochs, batch_size=train.batch_size,
-                            generator=generator)
+        return self.fit(model, loss, x, y, generator)
 
     def strategy(self, shared_keys: list[str], roles: Roles) -> HyperFedZeroStrategy:
         return FedProxStrategy(shared_keys, roles, proximal_mu=self.cfg.fedprox.mu,
