@@ -5,7 +5,10 @@ script bounds that gain on a trained FedAvg checkpoint: zACC of the global model
 logits adjusted by the *true* prior of each held-out client (oracle), and by a prior estimated from
 the client's unlabelled inputs with EM (Saerens et al. 2002) -- what a label-free method can know.
 
-    python benchmarks/prior_ceiling.py --checkpoint outputs/mnist_mlp/checkpoints/round_0020.pt
+    python benchmarks/compare_methods.py --preset mnist_mlp --methods fedavg --seeds 0 \
+        -c run.rounds=20 -c server.server_momentum=0 --keep outputs/ceiling
+    python benchmarks/prior_ceiling.py \
+        --checkpoint outputs/ceiling/default-fedavg-s0/checkpoints/round_0020.pt
 """
 
 from __future__ import annotations
