@@ -32,6 +32,7 @@ RECIPE = {
 FLAT = RECIPE | {"model.chunk_layout": "flat"}  # the first recipe; the lever rows start from it
 UNIFORM = {"model.embedding": "uniform"}
 M05 = {"server.server_momentum": 0.5}
+FEDADAM = {"server.optimizer": "fedadam"}  # its step: server.fedadam_eta (default or --extra)
 # The presets now carry the recipe; every row starts from the plain settings (the paper-faithful
 # per-sample HyperFedZero of hfz_app/config.py's defaults, FedAvg without server momentum) and
 # states what it turns on, so a row means the same whatever the preset holds.
@@ -72,6 +73,11 @@ ROWS: dict[str, list[tuple[str, str, dict]]] = {
         ("recipe without label-prior batches, `e` uniform (control)", HFZ,
          M05 | RECIPE | {"train.prior_alpha": 0.0} | UNIFORM),
     ],
+    "fedadam": [  # Flower's FedAdam under the key filter, instead of FedAvgM
+        ("FedAvg, FedAdam server", "fedavg", FEDADAM),
+        ("recipe, FedAdam server", HFZ, RECIPE | FEDADAM),
+        ("recipe, FedAdam server, `e` uniform (control)", HFZ, RECIPE | FEDADAM | UNIFORM),
+    ],
     "fedavg": [("FedAvg, server momentum 0.5", "fedavg", M05)],
     "recipe": [  # the core group's two HyperFedZero rows, e.g. for another preset
         ("**recipe** (row chunks, momentum 0.5)", HFZ, M05 | RECIPE),
@@ -90,7 +96,7 @@ def main() -> None:
     parser.add_argument("--rows", default="core,flat,previous")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--extra", default="", help="k=v,k=v added to every row (e.g. shift)")
+    parser.add_argument("--extra", default="", help="k=v,k=v set in every row, over the row's own (e.g. shift)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     from hfz_app.launch import parse_overrides
@@ -106,8 +112,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as out_root:
         for group in args.rows.split(","):
             for label, method, overrides in ROWS[group]:
-                o = {"train.torch_threads": 1, "run.rounds": args.rounds, **PLAIN, **extra,
-                     **overrides, "run.method": method}
+                o = {"train.torch_threads": 1, "run.rounds": args.rounds, **PLAIN, **overrides,
+                     **extra, "run.method": method}
                 cells, sent, wall = run_seeds(args.preset, o, seeds, out_root,
                                               f"recipe-{group}-{len(lines)}")
                 line = f"| {group} | {label} | {cells} | {sent / 1e6:.2f} | {wall:.0f} |"

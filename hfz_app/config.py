@@ -160,6 +160,13 @@ class ServerSection:
     min_train_nodes: int = field(default=1, metadata=_check(min=1))
     server_momentum: float = field(default=0.0, metadata=_check(min=0, max=0.999))
     server_lr: float = field(default=1.0, metadata=_check(gt=0))
+    # "fedavgm": FedAvg plus optional momentum (server_momentum, server_lr); "fedadam": Flower's
+    # FedAdam (Reddi et al. 2021) on the shared arrays, with the fedadam_* settings below.
+    optimizer: Literal["fedavgm", "fedadam"] = "fedavgm"
+    fedadam_eta: float = field(default=0.01, metadata=_check(gt=0))
+    fedadam_beta_1: float = field(default=0.9, metadata=_check(min=0, max=0.999))
+    fedadam_beta_2: float = field(default=0.99, metadata=_check(min=0, max=0.9999))
+    fedadam_tau: float = field(default=1e-3, metadata=_check(gt=0))
     timeout_s: float = field(default=3600.0, metadata=_check(gt=0))
 
 
@@ -434,6 +441,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"fedjets.top_k: expected <= fedjets.num_experts ({cfg.fedjets.num_experts}), "
             f"got {cfg.fedjets.top_k}"
+        )
+    if cfg.server.optimizer == "fedadam" and (cfg.server.server_momentum or cfg.server.server_lr != 1):
+        raise ConfigError(
+            "server.server_momentum: expected 0 (and server.server_lr 1) with "
+            f"server.optimizer=fedadam, got {cfg.server.server_momentum} "
+            f"(server_lr {cfg.server.server_lr}); FedAdam's own step is server.fedadam_eta"
         )
     if cfg.server.min_train_nodes > cfg.data.num_participants:
         raise ConfigError(

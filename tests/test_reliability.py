@@ -103,6 +103,10 @@ BAD_INPUTS = [
     ("top-k-above-experts", ["-c", "fedjets.top_k=5"], "fedjets.top_k: expected <= fedjets."),
     ("lr-negative", ["-c", "train.lr=-0.1"], "train.lr: expected a value > 0"),
     ("momentum-above-one", ["-c", "train.momentum=1.5"], "train.momentum: expected a value <= 1"),
+    ("fedadam-with-momentum", ["-c", "server.optimizer=fedadam", "-c", "server.server_momentum=0.5"],
+     "server.server_momentum: expected 0 (and server.server_lr 1) with server.optimizer=fedadam"),
+    ("unknown-server-optimizer", ["-c", "server.optimizer=sgd"],
+     "server.optimizer: expected"),
     ("fraction-train-zero", ["-c", "server.fraction_train=0"], "server.fraction_train: expected"),
     ("min-train-nodes-above-participants", ["-c", "server.min_train_nodes=4"],
      "server.min_train_nodes: expected <="),
@@ -293,18 +297,22 @@ def kill_server_before(server_round: int):
 
 
 RESUME_SETTINGS = {"server.server_momentum": 0.5}  # server state that must survive the restart
+FEDADAM = {"server.optimizer": "fedadam"}
 
 
-def test_resume_after_a_server_restart_matches_an_uninterrupted_run(tmp_path: Path) -> None:
-    straight = run_tiny(tmp_path / "straight", **RESUME_SETTINGS)
+@pytest.mark.parametrize(("settings", "state_key"), [(RESUME_SETTINGS, "velocity"),
+                                                     (FEDADAM, "fedadam_v")],
+                         ids=["fedavgm", "fedadam"])
+def test_resume_after_a_server_restart_matches_an_uninterrupted_run(
+        tmp_path: Path, settings: dict, state_key: str) -> None:
+    straight = run_tiny(tmp_path / "straight", **settings)
     with pytest.raises(ServerKilled):
-        run_tiny(tmp_path / "restarted", grid={"on_message": kill_server_before(3)},
-                 **RESUME_SETTINGS)
+        run_tiny(tmp_path / "restarted", grid={"on_message": kill_server_before(3)}, **settings)
     run_dir = tmp_path / "restarted" / "tiny"
     assert [int(r["round"]) for r in read_rows(run_dir)] == [0, 1, 2]
-    assert "velocity" in load_checkpoint(run_dir / "checkpoints" / "round_0002.pt").server_state
+    assert state_key in load_checkpoint(run_dir / "checkpoints" / "round_0002.pt").server_state
     # a new ServerApp (fresh grid and node contexts), resuming the same run name
-    resumed = run_tiny(tmp_path / "restarted", **RESUME_SETTINGS, **{"run.resume": True})
+    resumed = run_tiny(tmp_path / "restarted", **settings, **{"run.resume": True})
     assert not (tmp_path / "restarted" / "tiny-2").exists()
     assert [int(r["round"]) for r in resumed] == [0, 1, 2, 3]
     assert without_timing(resumed) == without_timing(straight)

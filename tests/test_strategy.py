@@ -132,3 +132,40 @@ def test_evaluation_summary_per_role() -> None:
     assert summary["zacc_weighted"] == pytest.approx(0.6)
     assert summary["gap"] == pytest.approx(0.15)
     assert [c["partition-id"] for c in s.client_metrics[4]["heldout"]] == [21]
+
+
+def test_fedadam_steps_on_the_filtered_average_only() -> None:
+    """Flower's FedAdam under the key filter: Reddi et al.'s update by hand, foreign replies
+    dropped before the average, float32 kept, and the optimiser state exposed for resume."""
+    from hfz_app.federation.strategy import with_fedadam
+
+    s = with_fedadam(HyperFedZeroStrategy)(SHARED, ROLES, num_rounds=4, eta=0.1, beta_1=0.9,
+                                           beta_2=0.99, tau=1e-3)
+    grid = InProcessGrid(client_app=None, node_configs={}, run_config={})
+    s.configure_train(1, arrays(1.0), ConfigRecord(), grid)
+    foreign = arrays(100.0, SHARED + ["personal.bn.running_mean"])
+    agg, _ = s.aggregate_train(1, [reply(11, arrays(0.0)), reply(12, foreign)])
+    delta = 0.0 - 1.0
+    m, v = 0.1 * delta, 0.01 * delta**2
+    eta_t = 0.1 * np.sqrt(1 - 0.99**2) / (1 - 0.9**2)
+    assert agg["f.weight"].numpy().dtype == np.float32
+    np.testing.assert_allclose(agg["f.weight"].numpy(), 1.0 + eta_t * m / (np.sqrt(v) + 1e-3),
+                               rtol=1e-6)
+    assert s.round_stats[1]["n_dropped"] == 1
+    assert set(s.server_state()) == {"fedadam_m", "fedadam_v"}
+    assert set(s.server_state()["fedadam_m"]) == set(SHARED)
+
+
+def test_fedadam_composes_with_fedprox() -> None:
+    """FedProx's hook and FedAdam's step both apply: proximal-mu goes out, Adam steps back."""
+    from hfz_app.federation.strategy import with_fedadam
+    from hfz_app.methods.fedprox import FedProxStrategy
+
+    s = with_fedadam(FedProxStrategy)(SHARED, ROLES, num_rounds=4, proximal_mu=0.3, eta=0.1,
+                                      beta_1=0.9, beta_2=0.99, tau=1e-3)
+    grid = InProcessGrid(client_app=None, node_configs={}, run_config={})
+    train = list(s.configure_train(1, arrays(1.0), ConfigRecord(), grid))
+    assert train[0].content["config"]["proximal-mu"] == pytest.approx(0.3)
+    assert sorted(m.metadata.dst_node_id for m in train) == [11, 12, 13]  # participants only
+    agg, _ = s.aggregate_train(1, [reply(11, arrays(0.0))])
+    assert float(agg["f.weight"].numpy()[0, 0]) < 1.0 and s.m_t is not None

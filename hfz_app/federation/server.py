@@ -95,16 +95,14 @@ def progress_line(row: dict[str, Any], cfg: Config, num_classes: int = 0) -> str
 
 
 def server_state(strategy: HyperFedZeroStrategy) -> dict[str, Any]:
-    """What a restarted ServerApp needs beyond the arrays: FedAvgM's velocity, if any."""
-    velocity = strategy._velocity
-    if velocity is None:
-        return {}
-    return {"velocity": {k: torch.from_numpy(np.array(v, copy=True)) for k, v in velocity.items()}}
+    """What a restarted ServerApp needs beyond the arrays: the server optimiser's state, if any."""
+    return {name: {k: torch.from_numpy(np.array(v, copy=True)) for k, v in arrays.items()}
+            for name, arrays in strategy.server_state().items()}
 
 
 def restore_server_state(strategy: HyperFedZeroStrategy, state: dict[str, Any]) -> None:
-    if "velocity" in state:
-        strategy._velocity = {k: v.numpy() for k, v in state["velocity"].items()}
+    strategy.load_server_state({name: {k: v.numpy() for k, v in arrays.items()}
+                                for name, arrays in state.items()})
 
 
 class ResumedRounds(Strategy):

@@ -19,7 +19,8 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Result
+from flwr.serverapp.strategy import FedAdam, FedAvg, Result
+from flwr.serverapp.strategy.fedopt import FedOpt
 
 from hfz_app.evaluation.metrics import summarise_evaluation
 from hfz_app.federation.roles import ZEROSHOT_MESSAGE_TYPE, Roles
@@ -223,6 +224,14 @@ class HyperFedZeroStrategy(FedAvg):
             updated[key] = (value - self.server_lr * self._velocity[key]).astype(value.dtype)
         return ArrayRecord({k: Array(v) for k, v in updated.items()})
 
+    def server_state(self) -> dict[str, dict[str, np.ndarray]]:
+        """The optimiser state a restarted ServerApp needs beyond the arrays (FedAvgM: velocity)."""
+        return {} if self._velocity is None else {"velocity": self._velocity}
+
+    def load_server_state(self, state: dict[str, dict[str, np.ndarray]]) -> None:
+        if "velocity" in state:
+            self._velocity = state["velocity"]
+
     def _check_arrays(self, arrays: ArrayRecord) -> None:
         keys = set(arrays.keys())
         if keys != self.shared_keys:
@@ -280,3 +289,56 @@ class HyperFedZeroStrategy(FedAvg):
         self.client_metrics[server_round] = {"participants": per_role["participant"],
                                              "heldout": per_role["heldout"]}
         return MetricRecord(summary)
+
+
+class _FedAdamStep(FedAdam):
+    r"""Flower's :class:`~flwr.serverapp.strategy.FedAdam` step on top of a key-filtering strategy.
+
+    Put first in the bases of a :class:`HyperFedZeroStrategy` subclass (:func:`with_fedadam`):
+    the filtered, sample-weighted average :math:`\bar\theta` of the valid replies becomes
+    FedAdam's pseudo-gradient :math:`\Delta_t = \bar\theta - \theta_t`, and
+
+    .. math::
+        m_t = \beta_1 m_{t-1} + (1-\beta_1)\Delta_t,\quad
+        v_t = \beta_2 v_{t-1} + (1-\beta_2)\Delta_t^2,\quad
+        \theta_{t+1} = \theta_t + \eta_t\, \frac{m_t}{\sqrt{v_t} + \tau}
+
+    (Reddi et al. 2021; :math:`\eta_t` is Flower's bias-corrected step). Only shared keys are
+    ever in :math:`\theta`, so personal state never enters the optimiser.
+    """
+
+    def __init__(self, shared_keys: Sequence[str], roles: Roles | None = None, *,
+                 eta: float, beta_1: float, beta_2: float, tau: float, **kwargs: Any) -> None:
+        # FedOpt.__init__ takes FedAvg's arguments only; ours go to the key-filtering strategy,
+        # the next class after FedOpt in this MRO.
+        super(FedOpt, self).__init__(shared_keys, roles, **kwargs)
+        self.current_arrays = None
+        self.eta, self.eta_l, self.tau = eta, 0.0, tau
+        self.beta_1, self.beta_2 = beta_1, beta_2
+        self.m_t = self.v_t = None
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is None:
+            return arrays, metrics
+        # FedAdam's bias correction is a float64 scalar: keep each array's own dtype.
+        assert self.current_arrays is not None
+        return ArrayRecord({k: Array(v.numpy().astype(self.current_arrays[k].dtype, copy=False))
+                            for k, v in arrays.items()}), metrics
+
+    def server_state(self) -> dict[str, dict[str, np.ndarray]]:
+        state = {"fedadam_m": self.m_t, "fedadam_v": self.v_t}
+        return {k: v for k, v in state.items() if v}
+
+    def load_server_state(self, state: dict[str, dict[str, np.ndarray]]) -> None:
+        self.m_t, self.v_t = state.get("fedadam_m"), state.get("fedadam_v")
+
+
+def with_fedadam(strategy_class: type[HyperFedZeroStrategy]) -> type[HyperFedZeroStrategy]:
+    """``strategy_class`` with FedAdam's server step after its key filter and average.
+
+    Works for any :class:`HyperFedZeroStrategy` subclass (FedProx's too): the result takes the
+    class's own arguments plus ``eta``, ``beta_1``, ``beta_2`` and ``tau``."""
+    return type(f"FedAdam{strategy_class.__name__}", (_FedAdamStep, strategy_class),
+                {"__doc__": _FedAdamStep.__doc__})

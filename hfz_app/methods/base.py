@@ -16,7 +16,7 @@ from torch import nn
 
 from hfz_app.config import Config
 from hfz_app.federation.roles import Roles
-from hfz_app.federation.strategy import HyperFedZeroStrategy
+from hfz_app.federation.strategy import HyperFedZeroStrategy, with_fedadam
 from hfz_app.training import LossFn, make_optimizer, train_epochs
 
 # Buffers that describe one client's data, never another's: kept local by every method.
@@ -119,8 +119,18 @@ class Method:
 
     # -- server side ----------------------------------------------------------------------------
 
+    #: The strategy class; a method with its own server hook (FedProx) names its class here.
+    strategy_class: type[HyperFedZeroStrategy] = HyperFedZeroStrategy
+
     def strategy(self, shared_keys: list[str], roles: Roles) -> HyperFedZeroStrategy:
-        return HyperFedZeroStrategy(shared_keys, roles, **self.strategy_kwargs())
+        """``strategy_class`` with ``strategy_kwargs``; under ``server.optimizer=fedadam`` with
+        Flower's FedAdam step after its key filter (``with_fedadam``)."""
+        server = self.cfg.server
+        if server.optimizer == "fedadam":
+            return with_fedadam(self.strategy_class)(
+                shared_keys, roles, eta=server.fedadam_eta, beta_1=server.fedadam_beta_1,
+                beta_2=server.fedadam_beta_2, tau=server.fedadam_tau, **self.strategy_kwargs())
+        return self.strategy_class(shared_keys, roles, **self.strategy_kwargs())
 
     def strategy_kwargs(self) -> dict[str, Any]:
         """The run config's server settings, for this method's strategy class."""

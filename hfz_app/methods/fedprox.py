@@ -56,6 +56,7 @@ class FedProxMethod(FedAvgMethod):
 
         return self.fit(model, loss, x, y, generator)
 
-    def strategy(self, shared_keys: list[str], roles: Roles) -> HyperFedZeroStrategy:
-        return FedProxStrategy(shared_keys, roles, proximal_mu=self.cfg.fedprox.mu,
-                               **self.strategy_kwargs())
+    strategy_class = FedProxStrategy
+
+    def strategy_kwargs(self) -> dict[str, Any]:
+        return {**super().strategy_kwargs(), "proximal_mu": self.cfg.fedprox.mu}
