@@ -43,24 +43,30 @@ def run_once(preset: str, overrides: dict, out_root: str) -> tuple[dict, float]:
     runs = sorted(Path(out_root).glob(f"{cfg.run.name}*/metrics.csv"),
                   key=lambda p: p.stat().st_mtime)
     with runs[-1].open() as f:
-        last = list(csv.DictReader(f))[-1]
-    return {k: float(last[k]) for k in (*METRICS, "bytes_sent_per_client")}, wall
+        rows = list(csv.DictReader(f))
+    metrics = {k: float(rows[-1][k]) for k in (*METRICS, "bytes_sent_per_client")}
+    # zACC after each evaluated round, for tables that compare methods at fewer rounds too.
+    metrics |= {f"zacc@{int(r['round'])}": float(r["zacc_weighted"]) for r in rows
+                if r.get("zacc_weighted") not in (None, "")}
+    return metrics, wall
 
 
 def run_seeds(preset: str, overrides: dict, seeds: list[int], out_root: str,
-              name: str) -> tuple[str, float, float]:
-    """One run per seed (named ``{name}-s{seed}``): the table cells ``zACC | gACC | pACC`` as
-    mean +- std, bytes sent per client per round, and the mean wall time of a run."""
-    results: dict[str, list[float]] = {k: [] for k in METRICS}
+              name: str, at_rounds: tuple[int, ...] = ()) -> tuple[str, float, float]:
+    """One run per seed (named ``{name}-s{seed}``): the table cells ``zACC | gACC | pACC`` (then
+    zACC after each of ``at_rounds``) as mean +- std, bytes sent per client per round, and the
+    mean wall time of a run."""
+    keys = (*METRICS, *(f"zacc@{r}" for r in at_rounds))
+    results: dict[str, list[float]] = {k: [] for k in keys}
     walls, sent = [], 0.0
     for seed in seeds:
         metrics, wall = run_once(
             preset, {**overrides, "run.seed": seed, "run.name": f"{name}-s{seed}"}, out_root)
-        for k in METRICS:
+        for k in keys:
             results[k].append(metrics[k])
         walls.append(wall)
         sent = metrics["bytes_sent_per_client"]
-    return " | ".join(fmt(results[k]) for k in METRICS), sent, statistics.mean(walls)
+    return " | ".join(fmt(results[k]) for k in keys), sent, statistics.mean(walls)
 
 
 def fmt(values: list[float]) -> str:

@@ -2,7 +2,9 @@
 
 For each held-out client of a checkpoint: zACC with the model's own embedding (as trained), with
 ``e`` fixed to uniform, and with the pooled embedding of *another* held-out client. If the three
-agree, the hypernetwork's output does not depend on ``e`` and conditioning adds nothing.
+agree, the hypernetwork's output does not depend on ``e`` and conditioning adds nothing. A last
+column refines the pooled (label-anchored) embedding into a label-prior estimate by EM (Saerens et
+al. 2002, training prior taken as uniform), still label-free: does a better prior estimate help?
 
     python benchmarks/conditioning_probe.py --checkpoint outputs/mnist_mlp/checkpoints/round_0020.pt
 """
@@ -21,6 +23,16 @@ from hfz_app.checkpoint import load_checkpoint
 from hfz_app.data import build_federation
 from hfz_app.methods import get_method
 from hfz_app.zeroshot.frozen import config_from_dict
+
+
+def em_prior(posteriors: torch.Tensor, iterations: int = 10) -> torch.Tensor:
+    """Saerens et al.'s EM re-estimate of a client's label prior from anchored posteriors [n, k]."""
+    train_prior = torch.full((posteriors.shape[1],), 1.0 / posteriors.shape[1])
+    prior = posteriors.mean(0)
+    for _ in range(iterations):
+        weighted = posteriors * (prior / train_prior)
+        prior = (weighted / weighted.sum(1, keepdim=True)).mean(0)
+    return prior
 
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
@@ -43,15 +55,17 @@ def main() -> None:
                                              cfg.data.num_participants + cfg.data.num_heldout)]
     pooled = [model.pooled_embedding(c.test_x) for c in heldout]
     uniform = torch.full((model.embed_dim,), 1.0 / model.embed_dim)
-    print("| held-out client | own e | uniform e | next client's pooled e | pooled e (top 3) |")
-    print("|---|---|---|---|---|")
-    totals, n = torch.zeros(3), 0
+    print("| held-out client | own e | uniform e | next client's pooled e | EM-refined e "
+          "| pooled e (top 3) |")
+    print("|---|---|---|---|---|---|")
+    totals, n = torch.zeros(4), 0
     for i, c in enumerate(heldout):
         own = method.predictor(model, c.test_x, zeroshot=True)(c.test_x)
         uni = model(c.test_x, embedding=uniform).logits
         other = model(c.test_x, embedding=pooled[(i + 1) % len(heldout)]).logits
+        refined = model(c.test_x, embedding=em_prior(model.embed(c.test_x))).logits
         accs = torch.tensor([accuracy(own, c.test_y), accuracy(uni, c.test_y),
-                             accuracy(other, c.test_y)])
+                             accuracy(other, c.test_y), accuracy(refined, c.test_y)])
         top = ", ".join(f"{int(k)}:{float(v):.2f}" for v, k in zip(*pooled[i].topk(3)))
         print(f"| {c.partition_id} | " + " | ".join(f"{100 * a:.2f}" for a in accs)
               + f" | {top} |")
