@@ -71,3 +71,13 @@ DEPLOY_ARGS ?= --rounds 1
 .PHONY: deploy
 deploy: setup
 	deploy/loopback.sh $(DEPLOY_ARGS)
+
+# Benchmark suite through `flwr run` (README "Benchmark suite"): one sweep, resumable, then the
+# report: make sweep SWEEP=heldout_alpha SEEDS=0,1,2 SWEEP_ARGS="--rounds 10"
+SWEEP ?= mnist
+SEEDS ?= 0,1,2
+SWEEP_ARGS ?=
+.PHONY: sweep
+sweep: setup
+	nice $(PY) benchmarks/sweep.py --sweep $(SWEEP) --seeds $(SEEDS) --resume $(SWEEP_ARGS)
+	$(PY) benchmarks/report.py

@@ -1,0 +1,576 @@
+"""Benchmark sweeps through `flwr run`: method x preset x seed (x variants), one JSONL line per run.
+
+    python benchmarks/sweep.py --sweep mnist --seeds 0,1,2     # -> benchmarks/results/mnist.jsonl
+    python benchmarks/sweep.py --sweep scale --seeds 0 --rounds 10 --resume
+    python benchmarks/sweep.py --sweep mnist --dry-run          # print the commands only
+    python benchmarks/report.py                                 # docs/RESULTS.md from the JSONL
+
+Every run is ``python -m hfz_app.launch --preset P -c run.method=M -c run.seed=S ...`` as a
+subprocess: the path a user takes (`make run`), with its own SuperLink and simulated SuperNodes.
+Each finished run's last evaluated metrics row (zACC, its spread across held-out clients, gACC,
+pACC, bytes per client) and the launch's wall time are appended to the results file at once, so an
+interrupted sweep keeps what it measured; ``--resume`` skips the cells the file already holds
+(same sweep, cell, preset, seed, rounds and overrides). A cell whose data source is unavailable
+(the online datasets without internet: launch exits with ``hfz_app.data``'s one-line
+``DataSourceError``) is recorded as ``skipped`` with that line, and the sweep goes on.
+
+Sweeps are the named tables in ``SWEEPS`` below; ``--variant NAME=k=v,k=v`` runs every cell once
+more per variant with those overrides, ``-c k=v`` sets a key in every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import hashlib
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from hfz_app.config import CONF_DIR
+from hfz_app.launch import parse_overrides, toml_value
+
+LAUNCH = [sys.executable, "-m", "hfz_app.launch"]  # tests swap in a stand-in
+RESULTS_DIR = ROOT / "benchmarks" / "results"  # default: <sweep>[+<sweep>...].jsonl here
+DEFAULT_RUNS = ROOT / "outputs" / "sweeps"
+# Keys the sweep sets per run that say where and how fast, not what is computed: not part of a
+# cell's identity (a rerun with another output folder or thread count is the same cell).
+NOT_IDENTITY = ("run.name", "run.output_dir", "train.torch_threads")
+METRIC_KEYS = ("zacc_weighted", "zacc_mean", "zacc_std", "zacc_p10", "zacc_p90", "gacc",
+               "pacc_weighted", "pacc_std", "gap", "bytes_sent_per_client",
+               "bytes_received_per_client", "elapsed_s", "embed_usage_heldout")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One row of a sweep's table: a method on a preset with overrides (seeds multiply it)."""
+
+    id: str  # short, unique within the sweep: run names, --only-cells
+    label: str  # the table's row label
+    method: str
+    preset: str
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+    x: float | None = None  # the plotted x value (e.g. the held-out clients' Dirichlet alpha)
+    series: str = ""  # the plotted line it belongs to (default: the label)
+    reference: bool = False  # not zero-shot (the labelled fine-tuning reference)
+
+
+@dataclass(frozen=True)
+class Sweep:
+    title: str
+    about: str
+    rounds: int
+    cells: tuple[Cell, ...]
+    x_label: str = ""  # set: report.py plots zACC against Cell.x, one line per Cell.series
+
+
+HFZ = "hyperfedzero"
+# Server momentum 0.5 (FedAvgM) is the presets' value (conf/hyperfedzero_recipe.yaml) and the
+# FedAvg-family baselines' best server setting (docs/RECIPE_table.md); every cell states it, so a
+# row means the same whatever a preset holds later.
+M05 = {"server.server_momentum": 0.5}
+UNIFORM = {"model.embedding": "uniform"}
+BASELINES = ("fedavg", "fedprox", "ditto", "pfedme", "fedjets")
+
+
+def three(preset: str, extra: Mapping[str, Any] | None = None, prefix: str = "",
+          x: float | None = None) -> tuple[Cell, ...]:
+    """FedAvg, HyperFedZero and its no-conditioning control (``e`` uniform) on one setting."""
+    extra = dict(extra or {})
+    tag = f"{prefix}-" if prefix else ""
+    name = f"{prefix}: " if prefix else ""
+    return (
+        Cell(f"{tag}fedavg", f"{name}FedAvg", "fedavg", preset, M05 | extra, x, "FedAvg"),
+        Cell(f"{tag}hyperfedzero", f"{name}HyperFedZero", HFZ, preset, M05 | extra, x,
+             "HyperFedZero"),
+        Cell(f"{tag}control", f"{name}HyperFedZero, `e` uniform (control)", HFZ, preset,
+             M05 | UNIFORM | extra, x, "control (`e` uniform)"),
+    )
+
+
+def ablation_cells() -> tuple[Cell, ...]:
+    """HyperFedZero on the recipe preset, each ``conf/ablation_*.yaml`` and the control preset
+    (found on disk, so a new ablation preset joins the sweep)."""
+    presets = ["mnist_mlp", *sorted(p.stem for p in CONF_DIR.glob("ablation_*.yaml")),
+               "control_uniform_embedding"]
+    return tuple(Cell(p, "recipe (`mnist_mlp`)" if p == "mnist_mlp" else f"`{p}`", HFZ, p, M05)
+                 for p in presets)
+
+
+HELDOUT_ALPHAS = (0.1, 0.3, 1.0, 10.0)
+ONLINE_PRESETS = ("emnist_mlp", "svhn_lenet", "cifar10_zenkenet", "cifar100_resnet",
+                  "tiny_imagenet_resnet")
+SCALE = {"data.num_participants": 100, "data.num_heldout": 15}
+
+SWEEPS: dict[str, Sweep] = {
+    "mnist": Sweep(
+        "MNIST / MLP, 10 participants + 5 held out, Dirichlet 0.3",
+        "Every method through the app on preset `mnist_mlp`, server momentum 0.5 for all. "
+        "`finetune` is the labelled reference (20 SGD steps on 20 % of each held-out client), "
+        "not zero-shot.",
+        20,
+        tuple(Cell(m, m, m, "mnist_mlp", M05) for m in BASELINES)
+        + (Cell("hyperfedzero", "hyperfedzero", HFZ, "mnist_mlp", M05),
+           Cell("control", "hyperfedzero, `e` uniform (control)", HFZ, "mnist_mlp", M05 | UNIFORM),
+           Cell("finetune", "*finetune (labelled reference)*", "finetune", "mnist_mlp", M05,
+                reference=True)),
+    ),
+    "fashion": Sweep(
+        "Fashion-MNIST / LeNet-S, 10 + 5, Dirichlet 0.3",
+        "Preset `fashion_mnist_lenet_s` (Debian's dataset-fashion-mnist).", 20,
+        three("fashion_mnist_lenet_s"),
+    ),
+    "digits": Sweep(
+        "8x8 digits / MLP, 10 + 5, Dirichlet 0.3",
+        "Preset `digits_mlp` (scikit-learn's digits: 1,437 train images, about 65 per "
+        "participant; batch 32).", 30,
+        three("digits_mlp"),
+    ),
+    "ablations": Sweep(
+        "HyperFedZero ablations on MNIST / MLP",
+        "HyperFedZero on each ablation preset, each one key away from `mnist_mlp` "
+        "(`conf/ablation_*.yaml`), and the no-conditioning control preset.", 20,
+        ablation_cells(),
+    ),
+    "scale": Sweep(
+        "MNIST / MLP, 100 participants + 15 held out",
+        "`data.num_participants=100 data.num_heldout=15` on `mnist_mlp`; every participant trains "
+        "every round (same data per round as 10 clients, in smaller shards).", 10,
+        three("mnist_mlp", SCALE),
+    ),
+    "shift": Sweep(
+        "MNIST / MLP with per-client feature shift",
+        "`data.shift.enabled=true` on `mnist_mlp` (rotation, brightness, contrast, blur, noise "
+        "drawn per client).", 20,
+        three("mnist_mlp", {"data.shift.enabled": True}),
+    ),
+    "heldout_alpha": Sweep(
+        "MNIST / MLP, held-out clients' label skew",
+        "`data.alpha_dir_heldout` (the held-out clients' Dirichlet alpha; participants keep 0.3) "
+        "on `mnist_mlp`. Small alpha: few classes per held-out client.", 20,
+        tuple(c for a in HELDOUT_ALPHAS
+              for c in three("mnist_mlp", {"data.alpha_dir_heldout": a}, f"a{a:g}", x=a)),
+        x_label="held-out clients' Dirichlet alpha",
+    ),
+    "online": Sweep(
+        "The paper's online datasets",
+        "Presets that need internet (the Hugging Face hub through `datasets`); offline each cell "
+        "is recorded as skipped with the data source's message.", 0,
+        tuple(c for p in ONLINE_PRESETS for c in three(p, prefix=p)),
+    ),
+}
+
+
+# -- planning -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run: a cell under a variant for one seed."""
+
+    sweep: str
+    cell: Cell
+    seed: int
+    rounds: int  # 0: the preset's own
+    variant: str = ""
+    variant_overrides: Mapping[str, Any] = field(default_factory=dict)
+    extra: Mapping[str, Any] = field(default_factory=dict)  # -c for every run
+
+    def overrides(self) -> dict[str, Any]:
+        """What the run computes: method, seed, rounds, the cell's, the variant's, then -c keys."""
+        out: dict[str, Any] = {"run.method": self.cell.method, "run.seed": self.seed}
+        if self.rounds:
+            out["run.rounds"] = self.rounds
+        return out | dict(self.cell.overrides) | dict(self.variant_overrides) | dict(self.extra)
+
+    def identity(self) -> dict[str, Any]:
+        overrides = {k: v for k, v in self.overrides().items() if k not in NOT_IDENTITY}
+        return {"sweep": self.sweep, "cell": self.cell.id, "variant": self.variant,
+                "preset": self.cell.preset, "overrides": dict(sorted(overrides.items()))}
+
+    @property
+    def key(self) -> str:
+        text = json.dumps(self.identity(), sort_keys=True, default=str)
+        return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+    @property
+    def name(self) -> str:
+        """The run's folder name: unique per cell, variant, seed and rounds."""
+        parts = [self.sweep, self.variant, self.cell.id, f"s{self.seed}",
+                 f"r{self.rounds}" if self.rounds else ""]
+        return "--".join(re.sub(r"[^A-Za-z0-9_.-]+", "_", p) for p in parts if p)
+
+
+def plan(sweeps: Iterable[str], seeds: Iterable[int], rounds: int | None = None,
+         variants: Mapping[str, Mapping[str, Any]] | None = None,
+         extra: Mapping[str, Any] | None = None, only_methods: Iterable[str] | None = None,
+         only_cells: Iterable[str] | None = None) -> list[Job]:
+    """Every run of the sweeps, cell-major then seed (a cell's seeds run back to back)."""
+    variants = variants or {"": {}}
+    methods = set(only_methods) if only_methods else None
+    patterns = list(only_cells or [])
+    jobs = []
+    for name in sweeps:
+        if name not in SWEEPS:
+            raise SystemExit(f"error: --sweep: unknown sweep {name!r} (known: {', '.join(SWEEPS)})")
+        sweep = SWEEPS[name]
+        for variant, variant_overrides in variants.items():
+            for cell in sweep.cells:
+                if methods is not None and cell.method not in methods:
+                    continue
+                if patterns and not any(fnmatch.fnmatch(cell.id, p) for p in patterns):
+                    continue
+                for seed in seeds:
+                    jobs.append(Job(name, cell, seed, sweep.rounds if rounds is None else rounds,
+                                    variant, dict(variant_overrides), dict(extra or {})))
+    return jobs
+
+
+def command(job: Job, runs_dir: Path, torch_threads: int = 1,
+            launch_args: Iterable[str] = ()) -> list[str]:
+    """The launch command of one run (`python -m hfz_app.launch ...`), as a user would type it."""
+    settings = job.overrides() | {"run.name": job.name, "run.output_dir": str(runs_dir),
+                                  "train.torch_threads": torch_threads}
+    cmd = [*LAUNCH, "--preset", job.cell.preset, *launch_args]
+    for key, value in settings.items():
+        cmd += ["-c", f"{key}={toml_value(value)}"]
+    return cmd
+
+
+def display(cmd: list[str]) -> str:
+    """``cmd`` as a shell line to copy: ``python`` for this interpreter, paths under the repo
+    relative to it (the command runs from the repository root)."""
+    parts = ["python" if part == sys.executable else part for part in cmd]
+    return shlex.join(parts).replace(str(ROOT) + "/", "")
+
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    """The records of a results file; a torn last line (a killed sweep) is ignored."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def done_keys(records: Iterable[Mapping[str, Any]], retry_skipped: bool = False) -> set[str]:
+    """Keys ``--resume`` skips: runs that finished (and skipped cells, unless retried). A failed
+    run is always run again; the last record of a key wins."""
+    latest = {r["key"]: r for r in records if "key" in r}
+    ok = {"ok"} if retry_skipped else {"ok", "skipped"}
+    return {k for k, r in latest.items() if r.get("status") in ok}
+
+
+def append_record(path: Path, record: Mapping[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torn = path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
+    with path.open("a") as f:  # after a torn last line (a killed sweep), start a new line
+        f.write(("\n" if torn else "") + json.dumps(record, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# -- running --------------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    """CPU model, core count, OS, Python and torch (for the report's header)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        from importlib.metadata import version
+
+        torch = f"torch {version('torch')}, flwr {version('flwr')}"
+    except Exception:  # noqa: BLE001
+        torch = "torch ?"
+    return f"{cpu}, {os.cpu_count()} cores; {platform.system()} {platform.release()}; " \
+           f"Python {platform.python_version()}; {torch}"
+
+
+def git_commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                              capture_output=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=ROOT, text=True, capture_output=True, check=False).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+
+
+def last_metrics(metrics_csv: Path) -> dict[str, float]:
+    """The last evaluated round's metrics (floats; empty cells left out) and its round."""
+    import csv
+
+    with metrics_csv.open() as f:
+        rows = list(csv.DictReader(f))
+    evaluated = [r for r in rows if r.get("zacc_weighted") or r.get("gacc")] or rows
+    last = evaluated[-1]
+    out: dict[str, float] = {"round": int(last["round"])}
+    for key in METRIC_KEYS:
+        if last.get(key) not in (None, ""):
+            out[key] = float(last[key])
+    times = [float(r["round_time_s"]) for r in rows[1:] if r.get("round_time_s")]
+    if times:
+        out["round_time_s_mean"] = sum(times) / len(times)
+    return out
+
+
+def data_unavailable(preset: str, overrides: Mapping[str, Any]) -> str | None:
+    """The data source's one-line DataSourceError if this run's dataset cannot be loaded here,
+    else None (a run that failed for another reason is a failure, not a skip)."""
+    from hfz_app.config import ConfigError, load_config
+    from hfz_app.data import DataSourceError
+    from hfz_app.data.sources import load_dataset
+
+    try:
+        cfg = load_config(preset, dict(overrides))
+        load_dataset(cfg.data.dataset, cfg.data.data_dir)
+    except DataSourceError as err:
+        return str(err)
+    except ConfigError:
+        return None
+    return None
+
+
+def run_process(cmd: list[str], log_path: Path, timeout_s: float | None,
+                echo: bool) -> tuple[int, str, bool]:
+    """Run ``cmd``, its stdout and stderr into ``log_path`` (and the terminal with ``echo``).
+    Returns the exit code, the output and whether it timed out (SIGINT, then SIGKILL: launch stops
+    its SuperLink on SIGINT)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", PYTHONUNBUFFERED="1")
+    lines: list[str] = []
+    timed_out = False
+    with log_path.open("w") as log:
+        log.write("$ " + shlex.join(cmd) + "\n")
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, bufsize=1)
+        deadline = time.monotonic() + timeout_s if timeout_s else None
+        assert proc.stdout is not None
+        import selectors
+
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            while True:
+                if deadline is not None and time.monotonic() > deadline and not timed_out:
+                    timed_out = True
+                    proc.send_signal(signal.SIGINT)
+                    deadline = time.monotonic() + 60  # then SIGKILL
+                elif timed_out and deadline is not None and time.monotonic() > deadline:
+                    proc.kill()
+                    deadline = None
+                if not sel.select(timeout=1.0):
+                    if proc.poll() is not None:
+                        break
+                    continue
+                line = proc.stdout.readline()
+                if not line:
+                    break
+                lines.append(line)
+                log.write(line)
+                if echo:
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+        proc.wait()
+    return proc.returncode, "".join(lines), timed_out
+
+
+def error_line(output: str) -> str:
+    errors = [ln.strip() for ln in output.splitlines() if ln.startswith("error:")]
+    if errors:
+        return errors[-1].removeprefix("error:").strip()
+    tail = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    return tail[-1] if tail else ""
+
+
+def run_job(job: Job, runs_dir: Path, torch_threads: int = 1, launch_args: Iterable[str] = (),
+            timeout_s: float | None = None, keep_checkpoints: bool = False, echo: bool = False,
+            unavailable: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run one job through launch and return its record (status ok, skipped or failed)."""
+    cmd = command(job, runs_dir, torch_threads, launch_args)
+    record: dict[str, Any] = {
+        "key": job.key, "sweep": job.sweep, "cell": job.cell.id, "label": job.cell.label,
+        "method": job.cell.method, "preset": job.cell.preset, "seed": job.seed,
+        "rounds": job.rounds, "variant": job.variant,
+        "variant_overrides": dict(job.variant_overrides), "extra": dict(job.extra),
+        "overrides": job.identity()["overrides"], "x": job.cell.x,
+        "series": job.cell.series or job.cell.label, "reference": job.cell.reference,
+        "command": display(cmd), "machine": machine(), "commit": git_commit(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    # Cells on the same data share its availability: one launch tells for all of them.
+    preset_key = json.dumps([job.cell.preset, {k: v for k, v in job.overrides().items()
+                                               if k in ("data.dataset", "data.data_dir")}])
+    if unavailable is not None and preset_key in unavailable:  # known: do not launch again
+        return record | {"status": "skipped", "message": unavailable[preset_key], "wall_s": 0.0}
+    run_dir = runs_dir / job.name
+    for old in (run_dir, *runs_dir.glob(f"{job.name}-[0-9]*")):
+        shutil.rmtree(old, ignore_errors=True)  # a partial run of this cell: start clean
+    start = time.perf_counter()
+    rc, output, timed_out = run_process(cmd, runs_dir / "logs" / f"{job.name}.log", timeout_s,
+                                        echo)
+    record["wall_s"] = round(time.perf_counter() - start, 2)
+    record["log"] = str(runs_dir / "logs" / f"{job.name}.log")
+    completed = re.findall(r"run \d+ completed in (\d+) s", output)
+    if completed:
+        record["flwr_s"] = float(completed[-1])
+    metrics_csv = run_dir / "metrics.csv"
+    if rc == 0 and metrics_csv.exists():
+        record |= {"status": "ok", "output_dir": str(run_dir), **last_metrics(metrics_csv)}
+        if not keep_checkpoints:
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        return record
+    message = error_line(output)
+    if timed_out:
+        return record | {"status": "failed", "message": f"timed out after {timeout_s:.0f} s"}
+    why = data_unavailable(job.cell.preset, job.overrides()) if rc != 0 else None
+    if why is not None:
+        if unavailable is not None:
+            unavailable[preset_key] = message or why
+        return record | {"status": "skipped", "message": message or why}
+    if rc == 0:
+        message = f"exit 0 but no {metrics_csv}"
+    return record | {"status": "failed", "rc": rc, "message": message}
+
+
+def run_sweep(jobs: list[Job], results: Path, runs_dir: Path, resume: bool = False,
+              retry_skipped: bool = False, **run_kwargs: Any) -> Iterator[dict[str, Any]]:
+    """Run the jobs not already done, appending each record to ``results`` as it finishes."""
+    done = done_keys(read_results(results), retry_skipped) if resume else set()
+    unavailable: dict[str, str] = {}
+    for job in jobs:
+        if job.key in done:
+            continue
+        record = run_job(job, runs_dir, unavailable=unavailable, **run_kwargs)
+        append_record(results, record)
+        yield record
+
+
+def summary_line(i: int, n: int, record: Mapping[str, Any]) -> str:
+    head = f"[{i}/{n}] {record['sweep']} {record['variant'] + ' ' if record['variant'] else ''}" \
+           f"{record['cell']} seed {record['seed']}:"
+    if record["status"] == "ok":
+        def pct(key: str) -> str:
+            return f"{100 * record[key]:.2f}" if key in record else "-"
+        spread = f" +- {100 * record['zacc_std']:.2f}" if "zacc_std" in record else ""
+        return (f"{head} zACC {pct('zacc_weighted')}{spread} | gACC {pct('gacc')} | pACC "
+                f"{pct('pacc_weighted')} | {record.get('bytes_sent_per_client', 0) / 1e6:.2f} MB"
+                f"/client/round | round {record['round']} | {record['wall_s']:.0f} s")
+    return f"{head} {record['status'].upper()}: {record.get('message', '')}"
+
+
+def parse_variants(specs: list[str]) -> dict[str, dict[str, Any]]:
+    if not specs:
+        return {"": {}}
+    variants = {}
+    for spec in specs:
+        name, sep, rest = spec.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"error: --variant {spec!r}: expected NAME=k=v,k=v")
+        variants[name] = parse_overrides([p for p in rest.split(",") if p])
+    return variants
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog="sweeps: " + "; ".join(f"{k}: {v.title}" for k, v in SWEEPS.items()))
+    parser.add_argument("--sweep", required=True, help="NAME[,NAME] (see below)")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--rounds", type=int, help="override every cell's rounds (default: the "
+                        "sweep's own; 0 for the online sweep: the presets')")
+    parser.add_argument("--results", type=Path,
+                        help="JSONL file, one line per run (default "
+                             "benchmarks/results/<sweep>.jsonl)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue a results file: skip the cells it holds (finished or "
+                             "skipped); failed ones run again")
+    parser.add_argument("--retry-skipped", action="store_true",
+                        help="with --resume, run the skipped cells again (e.g. now online)")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    parser.add_argument("--only-methods", help="run.method values to keep, e.g. "
+                        "fedavg,hyperfedzero (the control is a hyperfedzero cell)")
+    parser.add_argument("--only-cells",
+                        help="cell ids to keep (shell patterns), e.g. control,a0.1-*")
+    parser.add_argument("--variant", action="append", default=[],
+                        help="NAME=k=v,k=v: every cell again with these overrides (repeatable)")
+    parser.add_argument("-c", action="append", default=[], metavar="KEY=VALUE",
+                        help="override for every run (TOML values, strings quoted)")
+    parser.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS,
+                        help="where the runs write <name>/ and logs/ (default outputs/sweeps)")
+    parser.add_argument("--torch-threads", type=int, default=1)
+    parser.add_argument("--cpus-per-client", type=int,
+                        help="passed to launch (default its own: 1)")
+    parser.add_argument("--timeout-s", type=float, help="stop a run after this long (failed)")
+    parser.add_argument("--keep-checkpoints", action="store_true")
+    parser.add_argument("--echo", action="store_true", help="show each run's output as it goes")
+    args = parser.parse_args(argv)
+    if args.results is None:
+        args.results = RESULTS_DIR / f"{args.sweep.replace(',', '+')}.jsonl"
+
+    try:
+        extra = parse_overrides(args.c)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    jobs = plan(args.sweep.split(","), [int(s) for s in args.seeds.split(",")], args.rounds,
+                parse_variants(args.variant), extra,
+                args.only_methods.split(",") if args.only_methods else None,
+                args.only_cells.split(",") if args.only_cells else None)
+    launch_args = ["--cpus-per-client", str(args.cpus_per_client)] if args.cpus_per_client else []
+    runs_dir = args.runs_dir.resolve()
+    if args.dry_run:
+        done = done_keys(read_results(args.results), args.retry_skipped) if args.resume else set()
+        for job in jobs:
+            mark = "# done: " if job.key in done else ""
+            print(mark + display(command(job, runs_dir, args.torch_threads, launch_args)))
+        print(f"# {len(jobs)} runs, {sum(j.key in done for j in jobs)} already in {args.results}")
+        return 0
+    if read_results(args.results) and not args.resume:
+        print(f"error: --results: {args.results} already holds results; pass --resume to continue "
+              f"it (skips the cells it holds) or name another file", file=sys.stderr)
+        return 2
+    print(f"{len(jobs)} runs -> {args.results} (outputs and logs in {runs_dir})", flush=True)
+    counts = {"ok": 0, "skipped": 0, "failed": 0}
+    done = done_keys(read_results(args.results), args.retry_skipped) if args.resume else set()
+    todo = [j for j in jobs if j.key not in done]
+    if len(todo) < len(jobs):
+        print(f"resume: {len(jobs) - len(todo)} runs already in {args.results}", flush=True)
+    for i, record in enumerate(run_sweep(
+            todo, args.results, runs_dir, torch_threads=args.torch_threads,
+            launch_args=launch_args, timeout_s=args.timeout_s,
+            keep_checkpoints=args.keep_checkpoints, echo=args.echo), 1):
+        counts[record["status"]] += 1
+        print(summary_line(i, len(todo), record), flush=True)
+    print(f"done: {counts['ok']} ok, {counts['skipped']} skipped, {counts['failed']} failed; "
+          f"`python benchmarks/report.py --results {args.results}` writes the tables", flush=True)
+    return 1 if counts["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

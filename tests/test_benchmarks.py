@@ -1,0 +1,210 @@
+"""The benchmark suite's infrastructure (benchmarks/sweep.py, benchmarks/report.py), without
+training anything: the launch command each cell runs, resume, skipped cells, the report's
+aggregation. A stand-in launcher writes metrics.csv as hfz_app.launch would."""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import report
+import sweep
+
+from hfz_app.config import CONF_DIR, load_config
+from hfz_app.launch import parse_overrides
+
+
+def launch_overrides(cmd: list[str]) -> tuple[str, dict]:
+    preset = cmd[cmd.index("--preset") + 1]
+    pairs = [cmd[i + 1] for i, part in enumerate(cmd) if part == "-c"]
+    return preset, parse_overrides(pairs)
+
+
+def test_command_runs_the_cell_through_launch_with_its_overrides(tmp_path):
+    jobs = sweep.plan(["mnist"], [0, 1], rounds=5, extra={"data.train_subsample": 3000})
+    assert len(jobs) == 2 * len(sweep.SWEEPS["mnist"].cells) == 16
+    by_cell = {(j.cell.id, j.seed): j for j in jobs}
+    cmd = sweep.command(by_cell["control", 1], tmp_path, torch_threads=1)
+    assert cmd[:3] == [sys.executable, "-m", "hfz_app.launch"]
+    preset, overrides = launch_overrides(cmd)
+    assert preset == "mnist_mlp"
+    assert overrides == {
+        "run.method": "hyperfedzero", "run.seed": 1, "run.rounds": 5,
+        "server.server_momentum": 0.5, "model.embedding": "uniform",
+        "data.train_subsample": 3000, "run.name": "mnist--control--s1--r5",
+        "run.output_dir": str(tmp_path), "train.torch_threads": 1,
+    }
+    # FedAvg-family baselines: momentum 0.5, plain embedding key untouched
+    _, fedavg = launch_overrides(sweep.command(by_cell["fedavg", 0], tmp_path))
+    assert fedavg["run.method"] == "fedavg" and fedavg["server.server_momentum"] == 0.5
+    assert "model.embedding" not in fedavg
+    # every run has its own folder name and identity; where it writes is not part of it
+    assert len({j.name for j in jobs}) == len({j.key for j in jobs}) == len(jobs)
+    same = sweep.plan(["mnist"], [0, 1], rounds=5, extra={"data.train_subsample": 3000})
+    assert [j.key for j in same] == [j.key for j in jobs]
+    other = sweep.plan(["mnist"], [0, 1], rounds=6, extra={"data.train_subsample": 3000})
+    assert not {j.key for j in other} & {j.key for j in jobs}
+    # filters
+    kept = sweep.plan(["mnist"], [0], only_methods=["fedavg", "hyperfedzero"])
+    assert [j.cell.id for j in kept] == ["fedavg", "hyperfedzero", "control"]
+    assert [j.cell.id for j in sweep.plan(["heldout_alpha"], [0], only_cells=["a0.1-*"])] == \
+        ["a0.1-fedavg", "a0.1-hyperfedzero", "a0.1-control"]
+    variants = sweep.plan(["fashion"], [0], variants={"": {}, "lr01": {"train.lr": 0.01}})
+    assert len(variants) == 6 and len({j.name for j in variants}) == 6
+    assert variants[-1].overrides()["train.lr"] == 0.01
+
+
+def test_every_sweep_cell_is_a_valid_config():
+    for name in sweep.SWEEPS:
+        for job in sweep.plan([name], [0]):
+            cfg = load_config(job.cell.preset, job.overrides())
+            assert cfg.run.method == job.cell.method
+    ablation_presets = {c.preset for c in sweep.SWEEPS["ablations"].cells}
+    assert {p.stem for p in CONF_DIR.glob("ablation_*.yaml")} < ablation_presets
+    assert "control_uniform_embedding" in ablation_presets
+    alphas = {load_config(j.cell.preset, j.overrides()).data.alpha_dir_heldout
+              for j in sweep.plan(["heldout_alpha"], [0])}
+    assert alphas == set(sweep.HELDOUT_ALPHAS)
+    scale = load_config("mnist_mlp", sweep.plan(["scale"], [0])[0].overrides())
+    assert (scale.data.num_participants, scale.data.num_heldout) == (100, 15)
+
+
+FAKE_LAUNCH = textwrap.dedent('''
+    """Stand-in for hfz_app.launch: metrics.csv from the -c keys, or a failure."""
+    import sys
+    import tomllib
+    from pathlib import Path
+    args = sys.argv[1:]
+    pairs = [args[i + 1].partition("=") for i, a in enumerate(args) if a == "-c"]
+    o = {k: tomllib.loads(f"v = {v}")["v"] for k, _, v in pairs}
+    calls = Path(o["run.output_dir"]) / "calls.txt"
+    calls.parent.mkdir(parents=True, exist_ok=True)
+    with calls.open("a") as f:
+        f.write(o["run.name"] + "\\n")
+    if o.get("data.dataset") == "folder":
+        print("error: folder: /nonexistent-hfz does not exist (data.data_dir)", file=sys.stderr)
+        sys.exit(2)
+    if o.get("train.lr") == 0.123:
+        print("error: boom", file=sys.stderr)
+        sys.exit(1)
+    run = Path(o["run.output_dir"]) / o["run.name"]
+    (run / "checkpoints").mkdir(parents=True, exist_ok=True)
+    z = 0.9 + o["run.seed"] / 100
+    (run / "metrics.csv").write_text(
+        "round,elapsed_s,round_time_s,gacc,zacc_weighted,zacc_std,pacc_weighted,"
+        "bytes_sent_per_client\\n"
+        "0,0.1,0.1,0.1,,,,\\n"
+        f"1,2.5,2.4,0.8,{z},0.02,0.85,1000000\\n")
+    print("run 123 completed in 7 s")
+''')
+
+
+@pytest.fixture
+def fake_launch(tmp_path, monkeypatch):
+    script = tmp_path / "fake_launch.py"
+    script.write_text(FAKE_LAUNCH)
+    monkeypatch.setattr(sweep, "LAUNCH", [sys.executable, str(script)])
+    monkeypatch.setattr(sweep, "git_commit", lambda: "abc1234")
+    return tmp_path / "runs"
+
+
+def test_sweep_records_as_it_goes_and_resume_skips_done_cells(tmp_path, fake_launch):
+    results = tmp_path / "results.jsonl"
+    jobs = sweep.plan(["digits"], [0, 1], rounds=1, only_methods=["fedavg"])
+    assert len(jobs) == 2
+    records = list(sweep.run_sweep(jobs, results, fake_launch))
+    assert [r["status"] for r in records] == ["ok", "ok"]
+    first = records[0]
+    assert first["zacc_weighted"] == 0.9 and first["zacc_std"] == 0.02
+    assert first["gacc"] == 0.8 and first["round"] == 1 and first["flwr_s"] == 7
+    assert first["bytes_sent_per_client"] == 1e6 and first["wall_s"] > 0
+    assert not (fake_launch / jobs[0].name / "checkpoints").exists()  # dropped after the run
+    assert first["command"].startswith("python ") and "-c run.seed=0" in first["command"]
+    assert [r["key"] for r in sweep.read_results(results)] == [j.key for j in jobs]
+
+    # a torn last line (killed sweep) and a failed record for seed 1: resume reruns seed 1 only
+    failed = dict(records[1], status="failed", message="killed")
+    with results.open("a") as f:
+        f.write(json.dumps(failed) + "\n" + '{"key": "torn')
+    assert sweep.done_keys(sweep.read_results(results)) == {jobs[0].key}
+    calls = fake_launch / "calls.txt"
+    calls.unlink()
+    again = list(sweep.run_sweep(jobs, results, fake_launch, resume=True))
+    assert [(r["seed"], r["status"]) for r in again] == [(1, "ok")]
+    assert calls.read_text().split() == [jobs[1].name]
+    assert list(sweep.run_sweep(jobs, results, fake_launch, resume=True)) == []
+
+    # the CLI refuses to append to a results file without --resume
+    assert sweep.main(["--sweep", "digits", "--seeds", "0", "--results", str(results),
+                       "--runs-dir", str(fake_launch), "--only-methods", "fedavg"]) == 2
+
+
+def test_unavailable_data_is_skipped_and_other_failures_fail(tmp_path, fake_launch):
+    results = tmp_path / "results.jsonl"
+    jobs = sweep.plan(["digits"], [0, 1], rounds=1, only_methods=["fedavg"],
+                      extra={"data.dataset": "folder", "data.data_dir": "/nonexistent-hfz"})
+    broken = sweep.plan(["digits"], [0], rounds=1, only_methods=["fedavg"],
+                        extra={"train.lr": 0.123})
+    records = list(sweep.run_sweep(jobs + broken, results, fake_launch))
+    assert [r["status"] for r in records] == ["skipped", "skipped", "failed"]
+    assert records[0]["message"] == "folder: /nonexistent-hfz does not exist (data.data_dir)"
+    assert records[1]["message"] == records[0]["message"]
+    # once the data is known missing, its other cells are not launched again
+    assert (fake_launch / "calls.txt").read_text().split() == [jobs[0].name, broken[0].name]
+    assert records[2]["message"] == "boom" and records[2]["rc"] == 1
+    # resume: skipped cells count as done unless retried, failed ones run again
+    kept = sweep.read_results(results)
+    assert sweep.done_keys(kept) == {jobs[0].key, jobs[1].key}
+    assert sweep.done_keys(kept, retry_skipped=True) == set()
+
+
+def record(cell, seed, status="ok", **metrics):
+    job = sweep.Job("mnist", next(c for c in sweep.SWEEPS["mnist"].cells if c.id == cell), seed, 20)
+    return {"key": job.key, "sweep": "mnist", "cell": cell, "label": job.cell.label,
+            "method": job.cell.method, "seed": seed, "rounds": 20, "variant": "", "extra": {},
+            "status": status, "machine": "test box", "commit": "abc", **metrics}
+
+
+def test_report_aggregates_over_seeds_and_lists_skipped_cells(tmp_path):
+    path = tmp_path / "r.jsonl"
+    rows = [
+        record("hyperfedzero", 0, zacc_weighted=0.97, zacc_std=0.01, gacc=0.96,
+               pacc_weighted=0.95, bytes_sent_per_client=1.06e6, wall_s=50),
+        record("hyperfedzero", 1, zacc_weighted=0.98, zacc_std=0.03, gacc=0.96,
+               pacc_weighted=0.97, bytes_sent_per_client=1.06e6, wall_s=70),
+        record("fedavg", 0, zacc_weighted=0.96, gacc=0.95, pacc_weighted=0.94, wall_s=20),
+        record("fedavg", 1, status="failed", message="killed"),
+        record("fedavg", 1, zacc_weighted=0.94, gacc=0.93, pacc_weighted=0.92, wall_s=30),
+        record("ditto", 0, status="skipped", message="ditto: no data here"),
+        record("pfedme", 0, status="failed", message="boom"),
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tabs = report.tables(report.load([path]))
+    assert len(tabs) == 1
+    table = tabs[0]
+    # the sweep's own order, not the file's; the later fedavg seed-1 record replaced the failure
+    assert [row.cell for row in table.rows] == ["fedavg", "ditto", "pfedme", "hyperfedzero"]
+    hfz, fedavg = table.rows[3], table.rows[0]
+    assert hfz.stat("zacc_weighted") == pytest.approx((97.5, 0.5))
+    assert hfz.stat("zacc_std") == pytest.approx((2.0, 1.0))
+    assert fedavg.stat("zacc_weighted") == pytest.approx((95.0, 1.0))
+    assert [r["seed"] for r in fedavg.ok] == [0, 1]
+    text = "\n".join(report.table_markdown(table))
+    assert "python benchmarks/sweep.py --sweep mnist --seeds 0,1 --rounds 20 " in text
+    assert "--only-cells fedavg,ditto,pfedme,hyperfedzero" in text
+    assert "| hyperfedzero | `hyperfedzero` | 97.50 +- 0.50 | 2.00 | 96.00 +- 0.00 | " \
+           "96.00 +- 1.00 | 2 (0,1) | 1.06 | 60 |" in text
+    assert "| fedavg | `fedavg` | 95.00 +- 1.00 | - |" in text
+    assert "Skipped (data unavailable here):\n\n- ditto (seeds 0): ditto: no data here" in text
+    assert "Failed:\n\n- pfedme (seeds 0): boom" in text
+    assert "killed" not in text
+    out = tmp_path / "RESULTS.md"
+    assert report.main(["--results", str(path), "--out", str(out), "--no-plots"]) == 0
+    assert "Machine: test box." in out.read_text()
