@@ -81,6 +81,22 @@ ROWS: dict[str, list[tuple[str, str, dict]]] = {
         ("recipe, FedAdam server", HFZ, RECIPE | FEDADAM),
         ("recipe, FedAdam server, `e` uniform (control)", HFZ, RECIPE | FEDADAM | UNIFORM),
     ],
+    # Issue 8's defaults sweep: one key of the recipe at a time, chosen by pACC (the
+    # participants' own held-back test split: a validation split that no held-out client sees).
+    "defaults": [
+        ("recipe (alpha 0.01, beta 0, row, client)", HFZ, M05 | RECIPE),
+        ("balancing alpha 0", HFZ, M05 | RECIPE | {"model.alpha": 0.0}),
+        ("balancing alpha 0.1", HFZ, M05 | RECIPE | {"model.alpha": 0.1}),
+        ("sharpness beta 0.01", HFZ, M05 | RECIPE | {"model.beta": 0.01}),
+        ("sharpness beta 0.1", HFZ, M05 | RECIPE | {"model.beta": 0.1}),
+        ("chunk layout flat", HFZ, M05 | RECIPE | {"model.chunk_layout": "flat"}),
+        ("granularity batch", HFZ, M05 | RECIPE | {"model.granularity": "batch"}),
+        ("granularity sample", HFZ, M05 | RECIPE | {"model.granularity": "sample"}),
+        ("no anchor, embed_dim 16", HFZ,
+         M05 | RECIPE | {"model.anchor": "none", "model.embed_dim": 16}),
+        ("no anchor, embed_dim 32", HFZ,
+         M05 | RECIPE | {"model.anchor": "none", "model.embed_dim": 32}),
+    ],
     "fedavg": [("FedAvg, server momentum 0.5", "fedavg", M05)],
     "recipe": [  # the core group's two HyperFedZero rows, e.g. for another preset
         ("**recipe** (row chunks, momentum 0.5)", HFZ, M05 | RECIPE),

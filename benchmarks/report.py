@@ -104,7 +104,12 @@ class Table:
         return f"{self.sweep}-r{self.rounds}" if self.rounds else self.sweep
 
     def command(self) -> str:
-        """The sweep command that reruns exactly this table's rows."""
+        """The sweep command that reruns exactly this table's rows (or the one its records name:
+        a table filled by another script, e.g. benchmarks/heldout_alpha.py)."""
+        named = {r["table_command"] for row in self.rows for r in row.records
+                 if r.get("table_command")}
+        if len(named) == 1:
+            return named.pop()
         parts = ["python benchmarks/sweep.py", f"--sweep {self.sweep}",
                  f"--seeds {','.join(str(s) for s in self.seeds)}"]
         if self.rounds:

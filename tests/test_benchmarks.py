@@ -208,3 +208,17 @@ def test_report_aggregates_over_seeds_and_lists_skipped_cells(tmp_path):
     out = tmp_path / "RESULTS.md"
     assert report.main(["--results", str(path), "--out", str(out), "--no-plots"]) == 0
     assert "Machine: test box." in out.read_text()
+
+
+def test_a_table_filled_by_another_script_shows_that_scripts_command(tmp_path):
+    """benchmarks/heldout_alpha.py fills the heldout_alpha table from checkpoints: the report
+    must print its command, not a sweep command that would retrain."""
+    path = tmp_path / "h.jsonl"
+    rows = [record("hyperfedzero", s, zacc_weighted=0.97, wall_s=1) | {
+        "sweep": "heldout_alpha", "cell": "a0.1-hyperfedzero", "x": 0.1,
+        "key": f"heldout_alpha/a0.1-hyperfedzero/s{s}",
+        "table_command": "python benchmarks/heldout_alpha.py"} for s in (0, 1)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (table,) = report.tables(report.load([path]))
+    assert table.command() == "python benchmarks/heldout_alpha.py"
+    assert "python benchmarks/heldout_alpha.py" in "\n".join(report.table_markdown(table))
