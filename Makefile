@@ -72,8 +72,8 @@ DEPLOY_ARGS ?= --rounds 1
 deploy: setup
 	deploy/loopback.sh $(DEPLOY_ARGS)
 
-# Benchmark suite through `flwr run` (README "Benchmark suite"): one sweep, resumable, then the
-# report: make sweep SWEEP=heldout_alpha SEEDS=0,1,2 SWEEP_ARGS="--rounds 10"
+# Benchmark suite through `flwr run` (README "Benchmarks"): one sweep, resumable, then the
+# report: make sweep SWEEP=scale SEEDS=0,1,2 SWEEP_ARGS="--rounds 10"
 SWEEP ?= mnist
 SEEDS ?= 0,1,2
 SWEEP_ARGS ?=
