@@ -25,7 +25,7 @@ import urllib.request
 from pathlib import Path
 
 from hfz_app.config import ConfigError, load_config
-from hfz_app.data import DataSourceError, build_federation
+from hfz_app.data import DataSourceError, build_federation, load_dataset
 from hfz_app.data.describe import describe
 
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -68,6 +68,39 @@ def flwr(*args: str, env: dict[str, str], capture: bool = True,
          cwd: Path = APP_DIR) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "flwr"), *args], env=env, text=True, cwd=cwd,
                           capture_output=capture, check=False)
+
+
+def stage_app(app_dir: Path, dest: Path) -> list[str]:
+    """Copy the files Flower would put in the app's FAB to ``dest``; their relative paths.
+
+    ``flwr run <dir>`` walks every file under ``<dir>`` (a project's ``.venv`` too, ~47,000
+    files here: ~3 s) before its include/exclude rules drop them. This walk skips directories
+    that Flower's exclude rules or the app's ``.gitignore`` drop whole, then applies Flower's
+    own rules (``filter_paths_for_publish``) to what is left, so ``flwr run dest`` builds the
+    same FAB (tests/test_flwr_run.py compares the bytes).
+    """
+    from flwr.cli.utils import build_pathspec, filter_paths_for_publish, load_gitignore_patterns
+    from flwr.supercore.constant import APP_PUBLISH_EXCLUDE_PATTERNS
+
+    ignore = app_dir / ".gitignore"
+    specs = [build_pathspec(APP_PUBLISH_EXCLUDE_PATTERNS),
+             build_pathspec(load_gitignore_patterns(ignore.read_bytes() if ignore.is_file()
+                                                    else b""))]
+    files: dict[str, Path] = {}
+    for dirpath, dirnames, filenames in os.walk(app_dir, followlinks=False):
+        rel_dir = Path(dirpath).relative_to(app_dir)
+        dirnames[:] = [d for d in dirnames
+                       if not any(spec.match_file(f"{(rel_dir / d).as_posix()}/") for spec in specs)]
+        for name in filenames:
+            path = Path(dirpath) / name
+            if not path.is_symlink():  # Flower skips symlinks too
+                files[(rel_dir / name).as_posix()] = path
+    kept = sorted(filter_paths_for_publish(files))
+    for rel in kept:
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(files[rel], target)
+    return kept
 
 
 def wait_healthy(port: int, superlink: subprocess.Popen, timeout_s: float = 60.0) -> None:
@@ -119,18 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = plan.cfg
         else:
             cfg = load_config(args.preset, overrides)
-            if cfg.run.resume:  # the run to continue and its last checkpoint exist
-                from hfz_app.outputs import find_resume_point
-
-                print("resume: {} after round {}".format(*find_resume_point(cfg)), flush=True)
-        # Fails fast (one line) on missing data or an impossible split, and shows the clients.
-        federation = build_federation(cfg.data, cfg.run.seed)
-        print(describe(federation), flush=True)
-        if args.app == "train":  # model settings that only building the model can check
-            from hfz_app.methods import get_method
-
-            get_method(cfg.run.method)(cfg, federation.input_shape,
-                                       federation.num_classes).build_model()
+        load_dataset(cfg.data.dataset, cfg.data.data_dir)  # a missing source: before Flower
     except (ConfigError, DataSourceError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -143,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         FLWR_HOME=str(home),
         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
         HFZ_OUTPUT_ROOT=str(Path.cwd()),
+        # The partition plan computed below, shared with the ServerApp and every ClientApp
+        # process of this run (hfz_app.data.federation: PLAN_CACHE_ENV).
+        HFZ_PLAN_CACHE=env.get("HFZ_PLAN_CACHE") or str(home / "plans"),
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # the SuperLink spawns flower-superexec
         RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0",
     )
@@ -151,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         "insecure = true\n"
     )
     log_path = home / "superlink.log"
+    # Started before the partition plan and the model are built: it boots meanwhile.
     superlink = subprocess.Popen(
         [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1",
          "--port", str(port), "--database", str(home / "state.db"),
@@ -159,18 +185,38 @@ def main(argv: list[str] | None = None) -> int:
         start_new_session=True,
     )
     try:
+        try:
+            if args.app == "train" and cfg.run.resume:  # the run and its checkpoint exist
+                from hfz_app.outputs import find_resume_point
+
+                print("resume: {} after round {}".format(*find_resume_point(cfg)), flush=True)
+            # Fails fast (one line) on an impossible split, shows the clients, and leaves the
+            # plan in HFZ_PLAN_CACHE for the run's other processes.
+            os.environ["HFZ_PLAN_CACHE"] = env["HFZ_PLAN_CACHE"]
+            federation = build_federation(cfg.data, cfg.run.seed)
+            print(describe(federation), flush=True)
+            if args.app == "train":  # model settings that only building the model can check
+                from hfz_app.methods import get_method
+
+                get_method(cfg.run.method)(cfg, federation.input_shape,
+                                           federation.num_classes).build_model()
+        except (ConfigError, DataSourceError, ValueError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        app_dir = home / "app"  # what the FAB holds, without the walk over .venv
+        stage_app(APPS[args.app], app_dir)
         wait_healthy(port, superlink)
         preset = [f"preset={toml_value(args.preset)}"] if args.app == "train" else []
         run_config = " ".join(preset + [f"{k}={toml_value(v)}" for k, v in overrides.items()])
-        federation = f"num-supernodes={num_nodes} client-resources-num-cpus={args.cpus_per_client}"
+        federation_config = (f"num-supernodes={num_nodes} "
+                             f"client-resources-num-cpus={args.cpus_per_client}")
         what = f"preset {args.preset}" if args.app == "train" else "zero-shot app"
         print(f"flwr run: {num_nodes} simulated nodes, {what}", flush=True)
         started = time.monotonic()
-        app_dir = APPS[args.app]
         submitted = flwr("run", str(app_dir), "hfz", "--format", "json",
-                         "--federation-config", federation,
+                         "--federation-config", federation_config,
                          *(["--run-config", run_config] if run_config else []),
-                         env=env, cwd=app_dir)
+                         env=env, cwd=APPS[args.app])
         try:
             run_id = str(json.loads(submitted.stdout)["run-id"])
         except (json.JSONDecodeError, KeyError):

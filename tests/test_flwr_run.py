@@ -28,6 +28,20 @@ def test_flwr_run_tiny_completes(tmp_path: Path) -> None:
     assert rows[-1]["zacc_weighted"] != ""
 
 
+def test_staged_app_builds_the_same_fab_as_flower_from_the_project(tmp_path: Path) -> None:
+    """The launcher submits a staged copy of the app (no walk over .venv); Flower must build the
+    same FAB, byte for byte, from it as from the project directory itself."""
+    from flwr.cli.build import build_fab_from_disk
+
+    from hfz_app.launch import APPS, stage_app
+
+    for name, app_dir in APPS.items():
+        staged = tmp_path / name
+        kept = stage_app(app_dir, staged)
+        assert "pyproject.toml" in kept and not any(k.startswith(".venv/") for k in kept)
+        assert build_fab_from_disk(staged) == build_fab_from_disk(app_dir), name
+
+
 def test_bad_override_fails_fast_with_one_line() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "hfz_app.launch", "--preset", "tiny", "-c", "train.lr=-1"],

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import importlib.metadata
 import json
 import os
 import sys
 import warnings
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +34,10 @@ from hfz_app.data.sources import DatasetArrays, DataSourceError, load_dataset, l
 CLIENT_CACHE_BYTES = 2 * 2**30
 # Node config key naming a SuperNode's own data (deploy/supernode.sh --data-dir).
 NODE_DATA_DIR_KEY = "data-dir"
+# A directory where plan_rows' result is kept and reused, when set. `python -m hfz_app.launch`
+# sets it to its run's private FLWR_HOME, so that the ServerApp and each ClientApp process read the
+# plan the launcher computed instead of importing flwr-datasets and partitioning again (~2 s each).
+PLAN_CACHE_ENV = "HFZ_PLAN_CACHE"
 
 # Independent random streams derived from the run seed, one per decision.
 _SUBSAMPLE, _POOLS, _DIRICHLET_P, _DIRICHLET_H, _LOCAL, _TEST = range(6)
@@ -301,6 +309,38 @@ def plan_rows(y: np.ndarray, cfg: DataSection,
     return train_rows, test_rows
 
 
+def cached_plan_rows(y: np.ndarray, cfg: DataSection,
+                     seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """``plan_rows``, kept in ``$HFZ_PLAN_CACHE`` when that is set (else computed each time).
+
+    The file's key hashes everything the plan depends on: the data section, the seed, the labels,
+    this module's source and the flwr-datasets version. It is written to a temporary name and
+    renamed, so a concurrent reader sees a whole file or none; an unreadable one is recomputed.
+    """
+    root = os.environ.get(PLAN_CACHE_ENV)
+    if not root:
+        return plan_rows(y, cfg, seed)
+    digest = hashlib.sha256()
+    for part in (json.dumps([dataclasses.asdict(cfg), seed], sort_keys=True).encode(),
+                 np.ascontiguousarray(y).tobytes(), str(y.dtype).encode(),
+                 Path(__file__).read_bytes(), importlib.metadata.version("flwr-datasets").encode()):
+        digest.update(part)
+    path = Path(root) / f"plan-{digest.hexdigest()[:32]}.npz"
+    n = cfg.num_participants + cfg.num_heldout
+    try:
+        with np.load(path) as saved:
+            return ([saved[f"train_{i}"] for i in range(n)], [saved[f"test_{i}"] for i in range(n)])
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile):  # absent or partial
+        pass
+    train_rows, test_rows = plan_rows(y, cfg, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, **{f"train_{i}": r for i, r in enumerate(train_rows)},
+             **{f"test_{i}": r for i, r in enumerate(test_rows)})
+    os.replace(tmp, path)
+    return train_rows, test_rows
+
+
 def build_federation(data_cfg: DataSection, seed: int) -> Federation:
     """The run's federation; cached per process on (config, seed), so repeated calls are free."""
     return _build_cached(json.dumps(dataclasses.asdict(data_cfg), sort_keys=True), seed)
@@ -312,5 +352,5 @@ def _build_cached(cfg_json: str, seed: int) -> Federation:
     shift = tree.pop("shift")
     cfg = DataSection(**tree, shift=ShiftSection(**shift))
     arrays = load_dataset(cfg.dataset, cfg.data_dir)
-    train_rows, test_rows = plan_rows(arrays.y_train, cfg, seed)
+    train_rows, test_rows = cached_plan_rows(arrays.y_train, cfg, seed)
     return Federation(arrays, cfg, seed, train_rows, test_rows)
