@@ -513,6 +513,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true",
                         help="continue a results file: skip the cells it holds (finished or "
                              "skipped); failed ones run again")
+    parser.add_argument("--rerun", action="store_true",
+                        help="run the selected cells again and append them to the results file "
+                             "even if it holds them (e.g. after a preset changed); the report "
+                             "keeps the last record of each cell and seed")
     parser.add_argument("--retry-skipped", action="store_true",
                         help="with --resume, run the skipped cells again (e.g. now online)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
@@ -554,9 +558,14 @@ def main(argv: list[str] | None = None) -> int:
             print(mark + display(command(job, runs_dir, args.torch_threads, launch_args)))
         print(f"# {len(jobs)} runs, {sum(j.key in done for j in jobs)} already in {args.results}")
         return 0
-    if read_results(args.results) and not args.resume:
+    if args.rerun and args.resume:
+        print("error: --rerun and --resume: pass one (--rerun runs held cells again, --resume "
+              "skips them)", file=sys.stderr)
+        return 2
+    if read_results(args.results) and not (args.resume or args.rerun):
         print(f"error: --results: {args.results} already holds results; pass --resume to continue "
-              f"it (skips the cells it holds) or name another file", file=sys.stderr)
+              f"it (skips the cells it holds), --rerun to run them again, or name another file",
+              file=sys.stderr)
         return 2
     print(f"{len(jobs)} runs -> {args.results} (outputs and logs in {runs_dir})", flush=True)
     counts = {"ok": 0, "skipped": 0, "failed": 0}

@@ -141,9 +141,19 @@ def test_sweep_records_as_it_goes_and_resume_skips_done_cells(tmp_path, fake_lau
     assert calls.read_text().split() == [jobs[1].name]
     assert list(sweep.run_sweep(jobs, results, fake_launch, resume=True)) == []
 
-    # the CLI refuses to append to a results file without --resume
-    assert sweep.main(["--sweep", "digits", "--seeds", "0", "--results", str(results),
-                       "--runs-dir", str(fake_launch), "--only-methods", "fedavg"]) == 2
+    # the CLI refuses to append to a results file without --resume or --rerun
+    cli = ["--sweep", "digits", "--seeds", "0", "--rounds", "1", "--results", str(results),
+           "--runs-dir", str(fake_launch), "--only-methods", "fedavg"]
+    assert sweep.main(cli) == 2
+    assert sweep.main([*cli, "--rerun", "--resume"]) == 2
+    # --rerun runs a held cell again (a changed preset); the report keeps its last record
+    calls.unlink()
+    assert sweep.main([*cli, "--rerun"]) == 0
+    assert calls.read_text().split() == [jobs[0].name]
+    held = [r for r in report.load([results]) if r["key"] == jobs[0].key]
+    last = sweep.read_results(results)[-1]
+    assert last["key"] == jobs[0].key and last["status"] == "ok"
+    assert len(held) == 1 and {k: v for k, v in held[0].items() if k != "source"} == last
 
 
 def test_unavailable_data_is_skipped_and_other_failures_fail(tmp_path, fake_launch):
