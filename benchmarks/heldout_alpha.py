@@ -86,7 +86,8 @@ def main() -> int:
                         default=ROOT / "benchmarks/results/heldout_alpha.jsonl")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    trained = [r for r in read_results(args.trained)
+    latest = {r["key"]: r for r in read_results(args.trained) if "key" in r}  # a rerun wins
+    trained = [r for r in latest.values()
                if r.get("status") == "ok" and r.get("cell") in TRAINED_CELLS]
     if not trained:
         raise SystemExit(f"error: {args.trained}: no finished fedavg/hyperfedzero/control runs")
