@@ -101,6 +101,20 @@ def test_noise_changes_the_shared_arrays_and_only_shared_keys_travel(tmp_path, p
                                                       rel=1e-5)
 
 
+@pytest.mark.parametrize("dp", ["server", "client"])
+def test_noisy_run_repeats_with_its_seed(tmp_path, dp) -> None:
+    """Flower draws the noise from numpy's global generator; the wrapper seeds it per round."""
+    noisy = {"privacy.dp": dp, "privacy.noise_multiplier": 0.3, "privacy.clipping_norm": 0.5}
+    first = run(tmp_path / "a", **noisy)
+    np.random.seed(12345)  # whatever state the process's generator is in does not matter
+    again = run(tmp_path / "b", **noisy)
+    other = run(tmp_path / "c", **noisy, **{"run.seed": 1})
+    assert metric_table(first[0])[0] == metric_table(again[0])[0]
+    np.testing.assert_array_equal(metric_table(first[0])[1], metric_table(again[0])[1])
+    assert all(np.array_equal(first[1][k].numpy(), again[1][k].numpy()) for k in first[1])
+    assert any(not np.array_equal(first[1][k].numpy(), other[1][k].numpy()) for k in first[1])
+
+
 def test_client_side_mod_clips_each_update(tmp_path) -> None:
     clip = 1e-3
     _, _, sent, replies = run(tmp_path, **{

@@ -298,11 +298,15 @@ def kill_server_before(server_round: int):
 
 RESUME_SETTINGS = {"server.server_momentum": 0.5}  # server state that must survive the restart
 FEDADAM = {"server.optimizer": "fedadam"}
+# server-side DP noise: drawn per round from (run.seed, round), so a resumed run adds the same
+DP_NOISE = RESUME_SETTINGS | {"privacy.dp": "server", "privacy.noise_multiplier": 0.3,
+                              "privacy.clipping_norm": 0.5}
 
 
 @pytest.mark.parametrize(("settings", "state_key"), [(RESUME_SETTINGS, "velocity"),
-                                                     (FEDADAM, "fedadam_v")],
-                         ids=["fedavgm", "fedadam"])
+                                                     (FEDADAM, "fedadam_v"),
+                                                     (DP_NOISE, "velocity")],
+                         ids=["fedavgm", "fedadam", "dp-noise"])
 def test_resume_after_a_server_restart_matches_an_uninterrupted_run(
         tmp_path: Path, settings: dict, state_key: str) -> None:
     straight = run_tiny(tmp_path / "straight", **settings)

@@ -19,9 +19,12 @@ momentum, so the wrapper below composes the same event after each successful rel
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+
+import numpy as np
 
 from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord
 from flwr.clientapp.mod import fixedclipping_mod
@@ -104,6 +107,25 @@ def planned_epsilon(cfg: Config, rounds: int | None = None) -> float:
 # -- server side ----------------------------------------------------------------------------------
 
 
+NOISE_STREAM = 7919  # keeps the DP noise's stream apart from the run's other uses of its seed
+
+
+@contextlib.contextmanager
+def seeded_global_numpy(seed: int, server_round: int) -> Iterator[None]:
+    """numpy's global generator seeded from (run seed, round), restored afterwards.
+
+    Flower's DP wrappers draw their Gaussian noise with ``np.random.normal``; seeding around each
+    aggregation makes a DP run repeat with its seed, and a resumed run add the same noise from
+    its first round on as an uninterrupted one.
+    """
+    saved = np.random.get_state()
+    np.random.seed(np.random.SeedSequence([seed, NOISE_STREAM, server_round]).generate_state(4))
+    try:
+        yield
+    finally:
+        np.random.set_state(saved)
+
+
 class _Accounted:
     """Shared by both wrappers: checks replies against the shared keys before Flower clips them,
     equal weights if configured, and one accountant event per released aggregate."""
@@ -142,7 +164,8 @@ class _Accounted:
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Flower's clipping and noise over the valid replies, then one accountant event."""
         kept, dropped = self._prepare(replies)
-        arrays, metrics = super().aggregate_train(server_round, kept)
+        with seeded_global_numpy(self.inner.seed, server_round):
+            arrays, metrics = super().aggregate_train(server_round, kept)
         self._account(server_round, arrays, dropped)
         return arrays, metrics
 
