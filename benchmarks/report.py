@@ -303,7 +303,35 @@ def render(tabs: list[Table], sources: list[str], plots_dir: Path | None, out: P
             if plot_table(table, path):
                 plot = relative_to(path, out.parent)
         lines += table_markdown(table, plot)
+    lines += also_measured(out)
     return "\n".join(lines).rstrip() + "\n"
+
+
+# Tables that other scripts write (each with its command), shown here so that the report is whole.
+EMBEDDED = (("Defaults: one key of the recipe at a time, chosen on the participants' pACC "
+             "(in-process Grid, which gives the same numbers as `flwr run`)",
+             "docs/DEFAULTS_sweep.md"),)
+LINKED = (("Cost per method: bytes, peak memory, parameters, step time",
+           "docs/benchmarks/cost_table.md"),
+          ("Flower's overhead: `flwr run` against the same training in-process",
+           "docs/benchmarks/flower_overhead.md"),
+          ("Training-step time of every layout against the plain target",
+           "docs/benchmarks/step_time.md"))
+
+
+def also_measured(out: Path) -> list[str]:
+    lines: list[str] = []
+    for title, rel in EMBEDDED:
+        path = ROOT / rel
+        if path.exists():
+            lines += [f"## {title}", "", f"From [{rel}]({relative_to(path, out.parent)}):", "",
+                      path.read_text().rstrip(), ""]
+    linked = [(t, ROOT / rel) for t, rel in LINKED if (ROOT / rel).exists()]
+    if linked:
+        lines += ["## Cost tables", ""]
+        lines += [f"- {t}: [{p.relative_to(ROOT)}]({relative_to(p, out.parent)})" for t, p in linked]
+        lines.append("")
+    return lines
 
 
 def relative_to(path: Path, base: Path) -> str:
