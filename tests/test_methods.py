@@ -73,6 +73,15 @@ def test_fedprox_mu_changes_the_result(tmp_path) -> None:
     assert fedavg[1]["train_loss"] != fedprox[1]["train_loss"]
 
 
+def test_pfedme_moves_the_shared_model_with_its_own_eta(tmp_path) -> None:
+    """w <- w - eta*lam*(w - theta) uses pfedme.eta; train.lr plays no part in pFedMe."""
+    base, _, _, _ = run_method(tmp_path / "a", "pfedme")
+    other_lr, _, _, _ = run_method(tmp_path / "b", "pfedme", **{"train.lr": 0.3})
+    other_eta, _, _, _ = run_method(tmp_path / "c", "pfedme", **{"pfedme.eta": 0.05})
+    assert [r["gacc"] for r in base] == [r["gacc"] for r in other_lr]
+    assert [r["gacc"] for r in base][1:] != [r["gacc"] for r in other_eta][1:]
+
+
 @pytest.mark.parametrize("method", ["ditto", "pfedme"])
 def test_personal_models_never_leave_the_client(tmp_path, method) -> None:
     _, grid, sent, replies = run_method(tmp_path, method)

@@ -23,7 +23,7 @@ class PFedMeMethod(PersonalisedMethod):
         \tilde F_k(\theta; \mathcal{D}) + \frac{\lambda}{2}\,\lVert \theta - w \rVert^2 ,
 
     then the local copy of the shared model moves towards it,
-    :math:`w \leftarrow w - \eta\lambda\,(w - \theta_k)` (:math:`\eta` = ``train.lr``). The client
+    :math:`w \leftarrow w - \eta\lambda\,(w - \theta_k)` (:math:`\eta` = ``pfedme.eta``). The client
     sends :math:`w`; the server averages (pFedMe's server mixing :math:`\beta = 1`, i.e. FedAvg).
     pACC: the last :math:`\theta_k` (kept in ``context.state``); zACC and gACC: :math:`w`.
     """
@@ -53,7 +53,7 @@ class PFedMeMethod(PersonalisedMethod):
                     optimizer.step()
                 with torch.no_grad():
                     for pw, pt in zip(w_params, theta.parameters(), strict=True):
-                        pw.sub_(train.lr * cfg.lam * (pw - pt))
+                        pw.sub_(cfg.eta * cfg.lam * (pw - pt))
                 total += float(ce.detach()) * len(idx)
                 seen += len(idx)
         # BatchNorm statistics follow the personal model's passes (w never runs forward here).
