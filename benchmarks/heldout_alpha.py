@@ -18,11 +18,9 @@ Writes the records of the `heldout_alpha` table (benchmarks/results/heldout_alph
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -34,8 +32,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from sweep import HELDOUT_ALPHAS, SWEEPS, append_record, git_commit, machine, read_results
 
 from hfz_app.checkpoint import load_checkpoint
-from hfz_app.config import Config
-from hfz_app.data import Federation, build_federation
+from hfz_app.data import build_federation
 from hfz_app.zeroshot.frozen import build_frozen_model, config_from_dict, frozen_metrics
 
 TRAINED_CELLS = ("fedavg", "hyperfedzero", "control")  # cells of the `mnist` sweep
@@ -50,23 +47,12 @@ def latest_checkpoint(run_dir: Path) -> Path:
     return checkpoints[-1]
 
 
-_federations: dict[str, Federation] = {}
-
-
-def federation_for(cfg: Config) -> Federation:
-    """One federation per data setting and seed: the three methods of a seed share it."""
-    key = json.dumps([asdict(cfg.data), cfg.run.seed], sort_keys=True)
-    if key not in _federations:
-        _federations[key] = build_federation(cfg.data, cfg.run.seed)
-    return _federations[key]
-
-
 @torch.no_grad()
 def heldout_zacc(checkpoint: Path, alpha: float) -> tuple[float, float]:
     """Weighted zACC over the held-out clients drawn with ``alpha``, and its std across them."""
     ckpt = load_checkpoint(checkpoint)
     cfg = config_from_dict(ckpt.config, {"data.alpha_dir_heldout": alpha})
-    fed = federation_for(cfg)
+    fed = build_federation(cfg.data, cfg.run.seed)  # cached per (data, seed): methods share it
     model = build_frozen_model(cfg, fed.input_shape, fed.num_classes, ckpt.shared)
     n_p = cfg.data.num_participants
     accs, sizes = [], []
