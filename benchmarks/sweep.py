@@ -540,6 +540,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.results is None:
         args.results = RESULTS_DIR / f"{args.sweep.replace(',', '+')}.jsonl"
 
+    if args.rerun and args.resume:
+        print("error: --rerun and --resume: pass one (--rerun runs held cells again, --resume "
+              "skips them)", file=sys.stderr)
+        return 2
     try:
         extra = parse_overrides(args.c)
     except ValueError as err:
@@ -558,10 +562,6 @@ def main(argv: list[str] | None = None) -> int:
             print(mark + display(command(job, runs_dir, args.torch_threads, launch_args)))
         print(f"# {len(jobs)} runs, {sum(j.key in done for j in jobs)} already in {args.results}")
         return 0
-    if args.rerun and args.resume:
-        print("error: --rerun and --resume: pass one (--rerun runs held cells again, --resume "
-              "skips them)", file=sys.stderr)
-        return 2
     if read_results(args.results) and not (args.resume or args.rerun):
         print(f"error: --results: {args.results} already holds results; pass --resume to continue "
               f"it (skips the cells it holds), --rerun to run them again, or name another file",
