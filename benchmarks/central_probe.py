@@ -28,7 +28,7 @@ from recipe import PLAIN
 from hfz_app.config import load_config
 from hfz_app.data import build_federation
 from hfz_app.hyper import build_model
-from hfz_app.launch import parse_overrides
+from hfz_app.config import parse_overrides
 from hfz_app.training import batch_indices, make_optimizer
 
 

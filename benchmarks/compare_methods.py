@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from client_app import app as client_app
 from hfz_app.config import load_config
 from hfz_app.federation.inprocess import full_run_config, run_inprocess, simulation_node_configs
-from hfz_app.launch import parse_overrides
+from hfz_app.config import parse_overrides
 from server_app import app as server_app
 
 METRICS = ("zacc_weighted", "gacc", "pacc_weighted")

@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from sweep import machine
 
-    from hfz_app.launch import parse_overrides
+    from hfz_app.config import parse_overrides
 
     extra = parse_overrides(args.c)
     results = {}

@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         child(json.loads(args.child))
         return 0
     sys.path.insert(0, str(ROOT))
-    from hfz_app.launch import parse_overrides
+    from hfz_app.config import parse_overrides
 
     extra = parse_overrides(args.c)
     methods = args.methods.split(",")

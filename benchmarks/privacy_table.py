@@ -24,7 +24,7 @@ from compare_methods import run_seeds
 
 from hfz_app.config import load_config
 from hfz_app.federation.privacy import planned_epsilon
-from hfz_app.launch import parse_overrides
+from hfz_app.config import parse_overrides
 
 
 def main() -> None:

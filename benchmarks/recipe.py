@@ -129,7 +129,7 @@ def main() -> None:
     parser.add_argument("--zacc-at", default="", help="also zACC after these rounds, e.g. 5,10")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    from hfz_app.launch import parse_overrides
+    from hfz_app.config import parse_overrides
 
     extra = parse_overrides([p for p in args.extra.split(",") if p])
     seeds = [int(s) for s in args.seeds.split(",")]

@@ -42,7 +42,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from hfz_app.config import CONF_DIR
-from hfz_app.launch import parse_overrides, toml_value
+from hfz_app.config import parse_overrides
+from hfz_app.launch import toml_value
 
 LAUNCH = [sys.executable, "-m", "hfz_app.launch"]  # tests swap in a stand-in
 RESULTS_DIR = ROOT / "benchmarks" / "results"  # default: <sweep>[+<sweep>...].jsonl here

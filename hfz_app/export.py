@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     args = parser.parse_args(argv)
     try:
-        from hfz_app.launch import parse_overrides
+        from hfz_app.config import parse_overrides
 
         overrides = parse_overrides(args.run_config)
         bad = sorted(set(overrides) - set(overridable_keys()))

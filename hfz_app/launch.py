@@ -24,30 +24,15 @@ import time
 import urllib.request
 from pathlib import Path
 
-from hfz_app.config import ConfigError, load_config
+from hfz_app.config import ConfigError, load_config, parse_overrides
 from hfz_app.data import DataSourceError, build_federation, load_dataset
 from hfz_app.data.describe import describe
+from hfz_app.methods import get_method
+from hfz_app.models import target_factory
 
 APP_DIR = Path(__file__).resolve().parent.parent
 APPS = {"train": APP_DIR, "zeroshot": APP_DIR / "zeroshot_app"}  # --app: which Flower app runs
 BIN = Path(sys.executable).parent
-
-
-def parse_overrides(pairs: list[str]) -> dict[str, object]:
-    """`key=value` pairs as Flower reads them (TOML values: strings quoted)."""
-    import tomllib
-
-    out: dict[str, object] = {}
-    for pair in pairs:
-        for item in pair.split():
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise ConfigError(f"-c {item!r}: expected key=value")
-            try:
-                out[key] = tomllib.loads(f"v = {value}")["v"]
-            except tomllib.TOMLDecodeError:
-                out[key] = value  # an unquoted string; load_config reports a wrong type
-    return out
 
 
 def toml_value(value: object) -> str:
@@ -152,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg = plan.cfg
         else:
             cfg = load_config(args.preset, overrides)
+            get_method(cfg.run.method)  # names the registries own: one line, before Flower
+            target_factory(cfg.model.target)
         load_dataset(cfg.data.dataset, cfg.data.data_dir)  # a missing source: before Flower
     except (ConfigError, DataSourceError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -196,8 +183,6 @@ def main(argv: list[str] | None = None) -> int:
             federation = build_federation(cfg.data, cfg.run.seed)
             print(describe(federation), flush=True)
             if args.app == "train":  # model settings that only building the model can check
-                from hfz_app.methods import get_method
-
                 get_method(cfg.run.method)(cfg, federation.input_shape,
                                            federation.num_classes).build_model()
         except (ConfigError, DataSourceError, ValueError) as err:

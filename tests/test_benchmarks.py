@@ -18,7 +18,7 @@ import report
 import sweep
 
 from hfz_app.config import CONF_DIR, load_config
-from hfz_app.launch import parse_overrides
+from hfz_app.config import parse_overrides
 
 
 def launch_overrides(cmd: list[str]) -> tuple[str, dict]:

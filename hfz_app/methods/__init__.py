@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from hfz_app.config import ConfigError
 from hfz_app.methods.base import Method
 from hfz_app.methods.ditto import DittoMethod
 from hfz_app.methods.fedavg import FedAvgMethod
@@ -19,10 +20,11 @@ METHODS: dict[str, type[Method]] = {
 
 
 def get_method(name: str) -> type[Method]:
+    """The method class registered as ``name``; an unknown name is a one-line ConfigError."""
     try:
         return METHODS[name]
     except KeyError:
-        raise ValueError(f"run.method: unknown method {name!r} (known: {', '.join(METHODS)})") \
+        raise ConfigError(f"run.method: expected one of {', '.join(METHODS)}, got {name!r}") \
             from None
 
 

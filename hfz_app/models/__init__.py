@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+from hfz_app.config import ConfigError
 from hfz_app.models.lenet import LeNet5, LeNetS
 from hfz_app.models.mlp import MLP
 from hfz_app.models.resnet import CifarResNet, resnet20, resnet32
@@ -32,14 +33,18 @@ TARGETS: dict[str, TargetFactory] = {
 }
 
 
+def target_factory(name: str) -> TargetFactory:
+    """The zoo entry ``name``; an unknown name is a one-line ConfigError."""
+    try:
+        return TARGETS[name]
+    except KeyError:
+        raise ConfigError(
+            f"model.target: expected one of {', '.join(TARGETS)}, got {name!r}") from None
+
+
 def build_target(name: str, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
     """Build the zoo network ``name`` for inputs of shape (C, H, W) and ``num_classes`` outputs."""
-    try:
-        factory = TARGETS[name]
-    except KeyError:
-        raise ValueError(
-            f"model.target: unknown target {name!r} (known: {', '.join(sorted(TARGETS))})"
-        ) from None
+    factory = target_factory(name)
     if len(input_shape) != 3 or min(input_shape) < 1 or num_classes < 1:
         raise ValueError(
             f"build_target: expected input_shape (C, H, W) and num_classes >= 1, "
@@ -56,6 +61,7 @@ __all__ = [
     "LeNetS",
     "ZenkeNet",
     "build_target",
+    "target_factory",
     "resnet20",
     "resnet32",
 ]
