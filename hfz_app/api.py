@@ -22,10 +22,10 @@ import torch
 from flwr.app import ArrayRecord, RecordDict
 from torch import Tensor, nn
 
+from hfz_app.arrays import keep_personal, load_arrays, select, to_record
 from hfz_app.config import ConfigError, ModelSection, _build
 from hfz_app.hyper.wrapper import HFZOutput, HyperFedZeroModel
 
-PERSONAL_RECORD = "hfz.personal"  # the context.state entry holding a node's personal arrays
 _NOT_OPTIONS = {"target": "the module you pass is the target"}
 
 
@@ -116,44 +116,23 @@ def shared_arrays(model: nn.Module, state: RecordDict | None = None) -> ArrayRec
     statistics) are stored there for the next round instead of being sent.
     """
     hfz = _check_model(model, "shared_arrays")
-    sd = hfz.state_dict()
-    personal = hfz.personal_keys()
-    if state is not None and personal:
-        state[PERSONAL_RECORD] = ArrayRecord({k: sd[k] for k in personal})  # copies the bytes
-    return ArrayRecord({k: sd[k] for k in hfz.shared_keys()})
+    if state is not None:
+        keep_personal(hfz, hfz.personal_keys(), state)
+    return to_record(select(hfz, hfz.shared_keys()))
 
 
 def load_shared(model: nn.Module, arrays: ArrayRecord, state: RecordDict | None = None) -> None:
-    """Load received shared arrays into ``model``; the keys must equal ``model.shared_keys()``.
+    """Load received shared arrays into ``model``; they must be exactly ``model.shared_keys()``
+    with the model's shapes and dtypes, and finite.
 
-    A foreign key (e.g. a personal BatchNorm statistic, or another model's array) or a missing one
-    raises a one-line ``ValueError`` naming it: different options or a different module on the
-    server and the client would otherwise train silently on a half-loaded model. With ``state``
-    (``context.state``), the node's own personal arrays saved by :func:`shared_arrays` are loaded
-    too.
+    Anything else (e.g. a personal BatchNorm statistic, another model's array, a NaN) raises a
+    one-line :class:`~hfz_app.arrays.ArrayMismatch` (a ``ValueError``) naming the key: different
+    options or a different module on the server and the client would otherwise train silently on
+    a half-loaded model. With ``state`` (``context.state``), the node's own personal arrays saved
+    by :func:`shared_arrays` are loaded too.
     """
     hfz = _check_model(model, "load_shared")
-    received = arrays.to_torch_state_dict()
-    expected = set(hfz.shared_keys())
-    foreign, missing = sorted(set(received) - expected), sorted(expected - set(received))
-    if foreign or missing:
-        key = foreign[0] if foreign else missing[0]
-        what = "is not a shared key of this model" if foreign else "is missing"
-        raise ValueError(
-            f"load_shared: '{key}' {what} ({len(foreign)} foreign, {len(missing)} missing of "
-            f"{len(expected)} shared keys; build the model with the same module and options "
-            "everywhere)"
-        )
-    own = hfz.state_dict()
-    for key, value in received.items():
-        if value.shape != own[key].shape:
-            raise ValueError(
-                f"load_shared: '{key}' has shape {list(value.shape)}, the model expects "
-                f"{list(own[key].shape)}"
-            )
-    hfz.load_state_dict(received, strict=False)
-    if state is not None and PERSONAL_RECORD in state:
-        hfz.load_state_dict(state[PERSONAL_RECORD].to_torch_state_dict(), strict=False)
+    load_arrays(hfz, hfz.shared_keys(), arrays, "load_shared", state)
 
 
 @torch.no_grad()

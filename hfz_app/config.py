@@ -469,6 +469,12 @@ def parse_overrides(pairs: list[str]) -> dict[str, object]:
     return out
 
 
+def from_dict(tree: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> Config:
+    """A Config saved with ``Config.to_dict()`` (e.g. in a checkpoint), with flat dotted
+    overrides; validated like any other."""
+    return load_config(None, flatten(tree) | dict(overrides or {}))
+
+
 def from_run_config(run_config: Mapping[str, Any]) -> Config:
     """Build the Config of a Flower run: ``preset`` picks the YAML, other keys override it."""
     values = dict(run_config)

@@ -15,7 +15,8 @@ writes the plain target network:
     python -m hfz_app.export --checkpoint outputs/mnist_mlp/checkpoints/round_0020.pt \\
         --data client.npz --out exports/mine      # npz: x [n, H, W] or [n, C, H, W], optional y
 
-A FedAvg checkpoint already is a plain model: it is exported as it is (no embedding).
+Any other zero-shot method's checkpoint already holds the module a new client runs (FedAvg: the
+global model; Ditto, pFedMe: the shared model): it is exported as it is (no embedding).
 """
 
 from __future__ import annotations
@@ -31,19 +32,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from hfz_app.arrays import ArrayMismatch
 from hfz_app.checkpoint import load_checkpoint
 from hfz_app.config import ConfigError
 from hfz_app.data import DataSourceError
 from hfz_app.hyper import HyperFedZeroModel, embedding_stats
+from hfz_app.methods import runtime_for
 from hfz_app.models import build_target
-from hfz_app.zeroshot.frozen import (
-    ZeroShotError,
-    build_frozen_model,
-    check_method,
-    config_from_dict,
-    frozen_metrics,
-    pooled_embedding,
-)
+from hfz_app.zeroshot.checkpoint_config import ZeroShotError, checkpoint_config
 from hfz_app.zeroshot.server import find_checkpoint, overridable_keys
 
 BATCH = 512
@@ -109,8 +105,7 @@ def export(
         ckpt = load_checkpoint(checkpoint_path)
     except (OSError, ValueError) as err:
         raise ZeroShotError(str(err)) from None
-    cfg = config_from_dict(ckpt.config, overrides)
-    check_method(cfg)
+    cfg = checkpoint_config(ckpt.config, overrides)
     if cfg.train.torch_threads:
         torch.set_num_threads(cfg.train.torch_threads)
     if (partition is None) == (data_file is None):
@@ -134,12 +129,13 @@ def export(
             num_classes = load_dataset(cfg.data.dataset, cfg.data.data_dir).num_classes
         classes = num_classes
         source = {"data": str(data_file)}
+    runtime = runtime_for(cfg, tuple(input_shape), classes)
     try:
-        model = build_frozen_model(cfg, input_shape, classes, ckpt.shared)
-    except RuntimeError as err:  # size mismatch: the data's shape is not the model's
-        raise ZeroShotError(f"the checkpoint's model does not take inputs of shape "
-                            f"{list(input_shape)} with {classes} classes "
-                            f"({str(err).splitlines()[-1].strip()[:160]})") from None
+        model = runtime.frozen(ckpt.shared, f"checkpoint {checkpoint_path}")
+    except ArrayMismatch as err:  # e.g. the data's shape or classes are not the model's
+        raise ZeroShotError(f"the checkpoint does not fit a {cfg.run.method}/{cfg.model.target} "
+                            f"model for inputs of shape {list(input_shape)} with {classes} "
+                            f"classes ({err})") from None
 
     report: dict[str, Any] = {
         "checkpoint": str(checkpoint_path), "checkpoint_round": ckpt.server_round,
@@ -148,7 +144,7 @@ def export(
         "num_samples": len(x), "labels": y is not None,
     }
     if isinstance(model, HyperFedZeroModel):
-        e = pooled_embedding(model, x)
+        e = model.pooled_embedding(x)
         state = model.generate(e)
         plain = build_target(cfg.model.target, tuple(input_shape), classes)
         plain.load_state_dict(state)
@@ -157,8 +153,9 @@ def export(
         report |= {"embedding": [float(v) for v in e], "embedding_entropy":
                    usage["embed_entropy"], "granularity": cfg.model.granularity}
         pooled = _logits(lambda b: model(b, embedding=e).logits, x)
-    else:  # FedAvg: the global model is the plain model
-        plain, state, pooled = model, model.state_dict(), None
+    else:  # the method's zero-shot module already is a plain model (FedAvg: the global one)
+        plain = runtime.method.zeroshot_module(model)
+        state, pooled = plain.state_dict(), None
     plain.eval()
     for parameter in plain.parameters():
         parameter.requires_grad_(False)
@@ -177,7 +174,8 @@ def export(
         if isinstance(model, HyperFedZeroModel):
             # The zero-shot app's metric on the same data (granularity sample: each input
             # generates its own weights).
-            report["accuracy_hyperfedzero"] = frozen_metrics(model, x, y, -1)["accuracy"]
+            report["accuracy_hyperfedzero"] = runtime.evaluate(model, x, y, zeroshot=True,
+                                                               diagnostics=False)["accuracy"]
             report["accuracy_generated_pooled"] = _accuracy(pooled, y)
     (out / "export.json").write_text(json.dumps(report, indent=1))
     return report

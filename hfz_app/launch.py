@@ -27,6 +27,7 @@ from pathlib import Path
 from hfz_app.config import ConfigError, load_config, parse_overrides
 from hfz_app.data import DataSourceError, build_federation, load_dataset
 from hfz_app.data.describe import describe
+from hfz_app.federation.job import PLAN_CACHE_ENV
 from hfz_app.methods import get_method
 from hfz_app.models import target_factory
 
@@ -153,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
         HFZ_OUTPUT_ROOT=str(Path.cwd()),
         # The partition plan computed below, shared with the ServerApp and every ClientApp
-        # process of this run (hfz_app.data.federation: PLAN_CACHE_ENV).
-        HFZ_PLAN_CACHE=env.get("HFZ_PLAN_CACHE") or str(home / "plans"),
+        # process of this run.
+        **{PLAN_CACHE_ENV: env.get(PLAN_CACHE_ENV) or str(home / "plans")},
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # the SuperLink spawns flower-superexec
         RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0",
     )
@@ -178,9 +179,8 @@ def main(argv: list[str] | None = None) -> int:
 
                 print("resume: {} after round {}".format(*find_resume_point(cfg)), flush=True)
             # Fails fast (one line) on an impossible split, shows the clients, and leaves the
-            # plan in HFZ_PLAN_CACHE for the run's other processes.
-            os.environ["HFZ_PLAN_CACHE"] = env["HFZ_PLAN_CACHE"]
-            federation = build_federation(cfg.data, cfg.run.seed)
+            # plan in the plan cache for the run's other processes.
+            federation = build_federation(cfg.data, cfg.run.seed, env[PLAN_CACHE_ENV])
             print(describe(federation), flush=True)
             if args.app == "train":  # model settings that only building the model can check
                 get_method(cfg.run.method)(cfg, federation.input_shape,

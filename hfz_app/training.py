@@ -1,4 +1,5 @@
-"""Local training and evaluation loops shared by every method (plain torch, no Flower).
+"""The local training loop shared by every method (plain torch, no Flower); evaluation is the
+method runtime's (``hfz_app.methods.runtime``).
 
 Data arrive as whole tensors (already shifted, see ``hfz_app.data``); batches are index slices
 drawn with a seeded generator, so a client's round is reproducible from (seed, round, partition).
@@ -7,7 +8,6 @@ drawn with a seeded generator, so a client's round is reproducible from (seed, r
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -87,28 +87,3 @@ def train_epochs(
             for key, value in parts.items():
                 totals[key] = totals.get(key, 0.0) + float(value) * n
     return {key: value / max(seen, 1) for key, value in totals.items()}
-
-
-@dataclass
-class EvalResult:
-    accuracy: float
-    loss: float
-    num_examples: int
-
-
-@torch.inference_mode()
-def evaluate(
-    predict: Callable[[torch.Tensor], torch.Tensor],
-    x: torch.Tensor,
-    y: torch.Tensor,
-    batch_size: int = 512,
-) -> EvalResult:
-    """Accuracy and mean cross-entropy of ``predict`` (logits) on (x, y); no gradients."""
-    correct, loss_sum = 0, 0.0
-    for start in range(0, len(x), batch_size):
-        logits = predict(x[start : start + batch_size])
-        target = y[start : start + batch_size]
-        loss_sum += float(nn.functional.cross_entropy(logits, target, reduction="sum"))
-        correct += int((logits.argmax(dim=1) == target).sum())
-    n = len(x)
-    return EvalResult(correct / max(n, 1), loss_sum / max(n, 1), n)

@@ -15,7 +15,8 @@ from hfz_app import export
 from hfz_app.checkpoint import load_checkpoint, save_checkpoint
 from hfz_app.data import build_federation
 from hfz_app.models import build_target
-from hfz_app.zeroshot.frozen import build_frozen_model, config_from_dict, pooled_embedding
+from hfz_app.methods import runtime_for
+from hfz_app.zeroshot.checkpoint_config import checkpoint_config
 
 N = 3  # the tiny preset's participants; partition N is its held-out client
 
@@ -32,11 +33,12 @@ def exported(trained: Path, tmp_path_factory) -> tuple[Path, dict]:
 def generated_reference(trained: Path) -> tuple[torch.Tensor, torch.Tensor, torch.nn.Module]:
     """The held-out client's inputs, the generated model's logits ``model(x, embedding=e)``."""
     ckpt = load_checkpoint(trained / "tiny" / "checkpoints" / "round_0001.pt")
-    cfg = config_from_dict(ckpt.config)
+    cfg = checkpoint_config(ckpt.config)
     federation = build_federation(cfg.data, cfg.run.seed)
     x = federation.client(N).test_x
-    model = build_frozen_model(cfg, federation.input_shape, federation.num_classes, ckpt.shared)
-    e = pooled_embedding(model, x)
+    model = runtime_for(cfg, federation.input_shape, federation.num_classes).frozen(
+        ckpt.shared, "checkpoint")
+    e = model.pooled_embedding(x)
     with torch.inference_mode():
         return x, model(x, embedding=e).logits, model
 
@@ -116,7 +118,7 @@ def test_uint8_images_with_labels(trained, tmp_path: Path) -> None:
 
 def test_fedavg_checkpoint_is_exported_as_it_is(trained, tmp_path: Path) -> None:
     ckpt = load_checkpoint(trained / "tiny" / "checkpoints" / "round_0001.pt")
-    cfg = config_from_dict(ckpt.config, {"run.method": "fedavg"})
+    cfg = checkpoint_config(ckpt.config, {"run.method": "fedavg"})
     plain = build_target(cfg.model.target, (1, 28, 28), 10)
     from flwr.app import ArrayRecord
 
@@ -133,11 +135,11 @@ def test_one_line_errors(trained, tmp_path: Path, capsys, case: str) -> None:
     ckpt = trained / "tiny" / "checkpoints" / "round_0001.pt"
     if case == "method":
         payload = load_checkpoint(ckpt)
-        payload.config["run"]["method"] = "ditto"
+        payload.config["run"]["method"] = "finetune"  # needs labels on the new client
         from flwr.app import ArrayRecord
 
-        save_checkpoint(tmp_path / "ditto.pt", ArrayRecord(payload.shared), payload.config, 1)
-        ckpt = tmp_path / "ditto.pt"
+        save_checkpoint(tmp_path / "finetune.pt", ArrayRecord(payload.shared), payload.config, 1)
+        ckpt = tmp_path / "finetune.pt"
     if case == "shape":
         np.savez(tmp_path / "c.npz", x=np.zeros((4, 3, 8, 8), dtype=np.uint8))
     argv = {
@@ -150,5 +152,5 @@ def test_one_line_errors(trained, tmp_path: Path, capsys, case: str) -> None:
     assert export.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    assert {"missing": "no file at", "method": "got 'ditto'", "override": "model.hidden",
-            "shape": "does not take inputs of shape [3, 8, 8]"}[case] in err
+    assert {"missing": "no file at", "method": "'finetune' is not zero-shot",
+            "override": "model.hidden", "shape": "for inputs of shape [3, 8, 8]"}[case] in err

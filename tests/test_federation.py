@@ -195,27 +195,28 @@ def test_mnist_federation_is_fast_and_complete():
     assert len(rows) == len(np.unique(rows)) == 60_000
 
 
-def test_plan_cache_gives_the_same_rows_and_is_read_back(tmp_path, monkeypatch):
-    """$HFZ_PLAN_CACHE (set by hfz_app.launch for its run's processes): the plan is written once,
-    read back identical, kept apart per config and seed, and recomputed when the file is bad."""
-    from hfz_app.data.federation import PLAN_CACHE_ENV, cached_plan_rows, plan_rows
+def test_plan_cache_gives_the_same_rows_and_is_read_back(tmp_path):
+    """A plan cache folder (hfz_app.launch shares one with its run's processes): the plan is
+    written once, read back identical, kept apart per config and seed, and recomputed when the
+    file is bad."""
+    from hfz_app.data.federation import cached_plan_rows, plan_rows
 
     y = load_dataset("synthetic").y_train
     reference = plan_rows(y, SMALL, 5)
-    monkeypatch.setenv(PLAN_CACHE_ENV, str(tmp_path))
-    written = cached_plan_rows(y, SMALL, 5)
+    cache = str(tmp_path)
+    written = cached_plan_rows(y, SMALL, 5, cache)
     files = list(tmp_path.glob("plan-*.npz"))
     assert len(files) == 1
-    read = cached_plan_rows(y, SMALL, 5)
+    read = cached_plan_rows(y, SMALL, 5, cache)
     for rows in (written, read):
         assert all(np.array_equal(a, b) for a, b in zip(rows[0] + rows[1],
                                                         reference[0] + reference[1]))
-    cached_plan_rows(y, SMALL, 6)
-    cached_plan_rows(y, cfg(alpha_dir=0.1), 5)
+    cached_plan_rows(y, SMALL, 6, cache)
+    cached_plan_rows(y, cfg(alpha_dir=0.1), 5, cache)
     assert len(list(tmp_path.glob("plan-*.npz"))) == 3  # one file per (config, seed)
 
     files[0].write_bytes(b"not a zip")  # e.g. a truncated file: recomputed and rewritten
-    again = cached_plan_rows(y, SMALL, 5)
+    again = cached_plan_rows(y, SMALL, 5, cache)
     assert all(np.array_equal(a, b) for a, b in zip(again[0], reference[0]))
     with np.load(files[0]) as saved:
         assert np.array_equal(saved["train_0"], reference[0][0])

@@ -10,6 +10,7 @@ import torch
 from flwr.app import ConfigRecord, MessageType
 
 from client_app import app as client_app
+from hfz_app.arrays import PERSONAL_RECORD
 from hfz_app.config import load_config
 from hfz_app.federation.inprocess import (
     RecordingClientApp,
@@ -20,7 +21,7 @@ from hfz_app.federation.inprocess import (
 from hfz_app.federation.roles import Roles
 from hfz_app.methods import METHODS, get_method
 from hfz_app.methods.fedjets import MixtureOfExperts, load_balance
-from hfz_app.methods.fedprox import FedProxStrategy, proximal_term
+from hfz_app.methods.fedprox import proximal_term
 from hfz_app.methods.personal import PersonalisedPair
 from server_app import app as server_app
 
@@ -95,7 +96,7 @@ def test_personal_models_never_leave_the_client(tmp_path, method) -> None:
         for record in message.content.array_records.values():
             assert set(record.keys()) <= shared
     # ... and they exist on the participants, trained away from the shared model
-    state = grid.contexts[next(iter(grid.contexts))].state["personal"].to_torch_state_dict()
+    state = grid.contexts[next(iter(grid.contexts))].state[PERSONAL_RECORD].to_torch_state_dict()
     assert {k for k in state if k.startswith("personal.")} == {
         k for k in personal if k.startswith("personal.")}
     key = next(k for k in state if k.startswith("personal.") and k.endswith("weight"))
@@ -109,7 +110,8 @@ def test_fedprox_strategy_is_flowers_fedprox_on_the_shared_keys() -> None:
     from flwr.serverapp.strategy import FedProx
 
     roles = Roles(participants=(11, 12), heldout=(13,), partition_of={11: 0, 12: 1, 13: 2})
-    strategy = FedProxStrategy(["w"], roles, proximal_mu=0.3, num_rounds=2)
+    cfg = load_config("tiny", {"run.method": "fedprox", "fedprox.mu": 0.3, "run.rounds": 2})
+    strategy = get_method("fedprox")(cfg, (1, 28, 28), 10).strategy(["w"], roles)
     assert isinstance(strategy, FedProx)
 
     class Grid:  # configure_train only needs create_message

@@ -9,6 +9,7 @@ from flwr.app import MessageType
 from client_app import app as client_app
 from hfz_app.config import load_config
 from hfz_app.data import DataSourceError, build_federation
+from hfz_app.federation.job import job_for
 from hfz_app.federation.inprocess import full_run_config, run_inprocess, simulation_node_configs
 from server_app import app as server_app
 
@@ -51,8 +52,8 @@ def test_nodes_with_a_data_dir_use_their_own_files(tmp_path) -> None:
 
 def test_a_data_dir_of_the_wrong_shape_is_one_clear_error(tmp_path) -> None:
     write_npz(tmp_path / "small.npz", 10, 5, shape=(8, 8))
-    fed = build_federation(load_config("tiny").data, 0)
+    job = job_for(load_config("tiny"))
     with pytest.raises(DataSourceError, match=r"node config data-dir: .*small.npz holds \(1, 8, 8\)"):
-        fed.node_client({"data-dir": str(tmp_path / "small.npz")}, 0, False)
+        job.node_data({"data-dir": str(tmp_path / "small.npz")}, 0, False)
     with pytest.raises(DataSourceError, match="node config data-dir: folder: .* does not exist"):
-        fed.node_client({"data-dir": str(tmp_path / "missing.npz")}, 0, False)
+        job.node_data({"data-dir": str(tmp_path / "missing.npz")}, 0, False)

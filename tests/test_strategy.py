@@ -62,9 +62,9 @@ def test_foreign_key_and_non_finite_replies_are_dropped(caplog) -> None:
     np.testing.assert_allclose(agg["f.weight"].numpy(), 2.0)  # only the valid reply counts
     assert s.round_stats[1]["n_dropped"] == 3 and s.round_stats[1]["n_train_replies"] == 1
     text = caplog.text
-    assert "foreign ['personal.bn.running_mean']" in text
-    assert "non-finite values in 'h.out'" in text
-    assert "missing ['h.out']" in text
+    assert "'personal.bn.running_mean' is not a shared key of this model (1 foreign" in text
+    assert "'h.out' holds non-finite values" in text
+    assert "'h.out' is missing (0 foreign, 1 missing" in text
 
 
 def test_all_replies_invalid_keeps_global_arrays() -> None:
@@ -137,10 +137,10 @@ def test_evaluation_summary_per_role() -> None:
 def test_fedadam_steps_on_the_filtered_average_only() -> None:
     """Flower's FedAdam under the key filter: Reddi et al.'s update by hand, foreign replies
     dropped before the average, float32 kept, and the optimiser state exposed for resume."""
-    from hfz_app.federation.strategy import with_fedadam
+    from hfz_app.federation.strategy import FedAdamKeepingDtypes, layered
 
-    s = with_fedadam(HyperFedZeroStrategy)(SHARED, ROLES, num_rounds=4, eta=0.1, beta_1=0.9,
-                                           beta_2=0.99, tau=1e-3)
+    s = layered(FedAdamKeepingDtypes)(SHARED, ROLES, num_rounds=4, eta=0.1, beta_1=0.9,
+                                      beta_2=0.99, tau=1e-3)
     grid = InProcessGrid(client_app=None, node_configs={}, run_config={})
     s.configure_train(1, arrays(1.0), ConfigRecord(), grid)
     foreign = arrays(100.0, SHARED + ["personal.bn.running_mean"])
@@ -158,11 +158,12 @@ def test_fedadam_steps_on_the_filtered_average_only() -> None:
 
 def test_fedadam_composes_with_fedprox() -> None:
     """FedProx's hook and FedAdam's step both apply: proximal-mu goes out, Adam steps back."""
-    from hfz_app.federation.strategy import with_fedadam
-    from hfz_app.methods.fedprox import FedProxStrategy
+    from flwr.serverapp.strategy import FedProx
 
-    s = with_fedadam(FedProxStrategy)(SHARED, ROLES, num_rounds=4, proximal_mu=0.3, eta=0.1,
-                                      beta_1=0.9, beta_2=0.99, tau=1e-3)
+    from hfz_app.federation.strategy import FedAdamKeepingDtypes, layered
+
+    s = layered(FedProx, FedAdamKeepingDtypes)(SHARED, ROLES, num_rounds=4, proximal_mu=0.3,
+                                               eta=0.1, beta_1=0.9, beta_2=0.99, tau=1e-3)
     grid = InProcessGrid(client_app=None, node_configs={}, run_config={})
     train = list(s.configure_train(1, arrays(1.0), ConfigRecord(), grid))
     assert train[0].content["config"]["proximal-mu"] == pytest.approx(0.3)

@@ -13,10 +13,10 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
-from hfz_app.config import flatten
+from hfz_app.config import flatten, load_config
 from hfz_app.federation.inprocess import run_inprocess, simulation_node_configs
 from hfz_app.federation.roles import ZEROSHOT_MESSAGE_TYPE
-from hfz_app.zeroshot.frozen import ZeroShotError
+from hfz_app.zeroshot.checkpoint_config import ZeroShotError, config_to_json
 from hfz_app.zeroshot.server import OWN_KEYS, overridable_keys, plan_zeroshot
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,6 +25,7 @@ sys.path.insert(0, str(APP_DIR))  # the app's modules are top-level, as in its F
 
 import zeroshot_client_app
 import zeroshot_server_app
+from client_app import app as client_app
 
 N, M = 3, 1
 
@@ -101,7 +102,7 @@ def test_client_computes_no_gradient_and_replies_metrics_only(trained, monkeypat
     """An optimiser or a backward pass anywhere on the node's path would raise here."""
     from hfz_app.checkpoint import load_checkpoint
     from hfz_app.federation.inprocess import InProcessGrid
-    from hfz_app.zeroshot import frozen
+    from hfz_app.methods.hyperfedzero import HyperFedZeroMethod
     from hfz_app.zeroshot.client import CONFIG_JSON_KEY
 
     def refuse(*args, **kwargs):
@@ -111,10 +112,11 @@ def test_client_computes_no_gradient_and_replies_metrics_only(trained, monkeypat
     monkeypatch.setattr(torch.Tensor, "backward", refuse)
     monkeypatch.setattr(torch.autograd, "backward", refuse)
     seen = []
-    original = frozen.predictor
+    original = HyperFedZeroMethod.predictor
 
-    def spy(model, x):
-        predict = original(model, x)
+    def spy(self, model, x, zeroshot):
+        assert zeroshot
+        predict = original(self, model, x, zeroshot)
 
         def logits(batch):
             seen.append((torch.is_inference_mode_enabled(),
@@ -125,12 +127,12 @@ def test_client_computes_no_gradient_and_replies_metrics_only(trained, monkeypat
 
         return logits
 
-    monkeypatch.setattr(frozen, "predictor", spy)
+    monkeypatch.setattr(HyperFedZeroMethod, "predictor", spy)
     plan = plan_zeroshot(zeroshot_run_config(trained, **{"run-name": "tiny"}))
     content = RecordDict({
         "arrays": ArrayRecord(dict(load_checkpoint(plan.checkpoint_path).shared)),
         "config": ConfigRecord({"server-round": 1, CONFIG_JSON_KEY:
-                                frozen.config_to_json(plan.cfg)}),
+                                config_to_json(plan.cfg)}),
     })
     InProcessGrid(zeroshot_client_app.app, {}, {})  # Message() needs a run identity
     msg = Message(content, dst_node_id=7, message_type=ZEROSHOT_MESSAGE_TYPE)
@@ -157,58 +159,36 @@ def test_a_train_message_is_refused(trained) -> None:
     assert reply.has_error()
 
 
-def test_app_modules_import_no_training_code() -> None:
-    code = (
-        "import sys; sys.path.insert(0, 'zeroshot_app'); "
-        "import zeroshot_client_app, zeroshot_server_app; "
-        "bad = [m for m in ('hfz_app.training', 'hfz_app.methods', 'hfz_app.federation.client', "
-        "'hfz_app.federation.strategy') if m in sys.modules]; "
-        "assert not bad, bad"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120, check=False)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-
-
-def test_shared_keys_rule_matches_the_methods() -> None:
-    from hfz_app.config import load_config
-    from hfz_app.methods import get_method
-    from hfz_app.zeroshot.frozen import shared_keys
-
-    for method in ("hyperfedzero", "fedavg"):
-        cfg = load_config("tiny", {"run.method": method})
-        m = get_method(method)(cfg, (1, 28, 28), 10)
-        model = m.build_model()
-        assert shared_keys(model) == m.shared_keys(model), method
-
-
 @pytest.mark.parametrize("granularity", ["sample", "batch", "client"])
 def test_frozen_metrics_equal_the_training_apps_evaluation(granularity: str) -> None:
-    """The node's arithmetic against the training app's (method.predictor + training.evaluate),
-    for every granularity; a perturbed hypernetwork so that the embedding matters."""
-    from hfz_app.config import load_config
-    from hfz_app.methods import get_method
-    from hfz_app.training import evaluate
-    from hfz_app.zeroshot.frozen import build_frozen_model, frozen_metrics, shared_keys
+    """The zero-shot node and the training app's held-out node are one code path (the method's
+    runtime): the same reply for the same arrays and client, for every granularity; a perturbed
+    hypernetwork so that the embedding matters."""
+    from hfz_app.federation.inprocess import InProcessGrid, full_run_config
+    from hfz_app.federation.job import job_for
+    from hfz_app.zeroshot.client import CONFIG_JSON_KEY
 
-    cfg = load_config("tiny", {"model.granularity": granularity})
-    method = get_method("hyperfedzero")(cfg, (1, 28, 28), 10)
+    overrides = {"train.torch_threads": 1, "model.granularity": granularity}
+    run_config = full_run_config(overrides, preset="tiny")
+    job = job_for(load_config("tiny", overrides))
     torch.manual_seed(5)
-    reference = method.build_model()
+    reference = job.runtime.build()
     with torch.no_grad():
         for p in reference.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    state = reference.state_dict()
-    shared = {k: state[k] for k in shared_keys(reference)}
-    x, y = torch.rand(700, 1, 28, 28), torch.randint(0, 10, (700,))
-    theirs = method.build_model()
-    theirs.load_state_dict(shared, strict=False)
-    theirs.eval()
-    with torch.inference_mode():
-        expected = evaluate(method.predictor(theirs, x, True), x, y)
-    ours = frozen_metrics(build_frozen_model(cfg, (1, 28, 28), 10, shared), x, y, 0)
-    assert ours["accuracy"] == expected.accuracy
-    assert ours["loss"] == pytest.approx(expected.loss, abs=1e-9)
+    arrays = job.runtime.reply(reference)
+    InProcessGrid(zeroshot_client_app.app, {}, {})  # Message() needs a run identity
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": N, "num-partitions": N + M},
+                      state=RecordDict(), run_config=run_config)
+    replies = []
+    for app, config in ((client_app, {}), (zeroshot_client_app.app,
+                                           {CONFIG_JSON_KEY: config_to_json(job.cfg)})):
+        content = RecordDict({"arrays": arrays,
+                              "config": ConfigRecord({"server-round": 1, **config})})
+        reply = app(Message(content, dst_node_id=7, message_type=ZEROSHOT_MESSAGE_TYPE), context)
+        assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+        replies.append(dict(reply.content["metrics"]))
+    assert replies[0] == replies[1] and replies[0]["num-examples"] > 0
 
 
 def test_data_overrides_apply_and_model_keys_are_refused(trained) -> None:

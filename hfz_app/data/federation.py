@@ -18,10 +18,8 @@ import os
 import sys
 import warnings
 import zipfile
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -32,12 +30,6 @@ from hfz_app.data.sources import DatasetArrays, DataSourceError, load_dataset, l
 
 # Keep every client's tensors when the whole float32 train split fits in this; else a few.
 CLIENT_CACHE_BYTES = 2 * 2**30
-# Node config key naming a SuperNode's own data (deploy/supernode.sh --data-dir).
-NODE_DATA_DIR_KEY = "data-dir"
-# A directory where plan_rows' result is kept and reused, when set. `python -m hfz_app.launch`
-# sets it to its run's private FLWR_HOME, so that the ServerApp and each ClientApp process read the
-# plan the launcher computed instead of importing flwr-datasets and partitioning again (~2 s each).
-PLAN_CACHE_ENV = "HFZ_PLAN_CACHE"
 
 # Independent random streams derived from the run seed, one per decision.
 _SUBSAMPLE, _POOLS, _DIRICHLET_P, _DIRICHLET_H, _LOCAL, _TEST = range(6)
@@ -207,26 +199,21 @@ class Federation:
         self._check(partition_id)
         return self._client(partition_id)
 
-    def node_client(self, node_config: Mapping[str, Any], partition_id: int,
-                    heldout: bool) -> ClientData:
-        """The data of the node running this client: its own files when its node config names a
-        ``data-dir`` (a real deployment: an .npz or idx folder, read with the ``folder`` source;
-        ``x_train``/``y_train`` train, ``x_test``/``y_test`` its local test split; a held-out node
-        is evaluated on both), else partition ``partition_id`` of this federation."""
-        data_dir = str(node_config.get(NODE_DATA_DIR_KEY, "") or "")
+    def client_data(self, partition_id: int, heldout: bool, data_dir: str = "") -> ClientData:
+        """Partition ``partition_id`` of this federation, or, with ``data_dir``, a client's own
+        files (an .npz or idx folder, read with the ``folder`` source; ``x_train``/``y_train``
+        train, ``x_test``/``y_test`` its local test split; a held-out client is evaluated on
+        both)."""
         if not data_dir:
             return self.client(partition_id)
         return self._local_client(data_dir, partition_id, heldout)
 
     @functools.lru_cache(maxsize=2)  # noqa: B019 -- one federation per process, a few nodes
     def _local_client(self, data_dir: str, partition_id: int, heldout: bool) -> ClientData:
-        try:
-            arrays = load_folder(data_dir)
-        except DataSourceError as err:
-            raise DataSourceError(f"node config {NODE_DATA_DIR_KEY}: {err}") from None
+        arrays = load_folder(data_dir)
         if arrays.input_shape != self.input_shape or arrays.num_classes > self.num_classes:
             raise DataSourceError(
-                f"node config {NODE_DATA_DIR_KEY}: {data_dir} holds {arrays.input_shape} inputs "
+                f"{data_dir} holds {arrays.input_shape} inputs "
                 f"with {arrays.num_classes} classes; the run expects {self.input_shape} and at "
                 f"most {self.num_classes} ({self.dataset})")
         x_tr, y_tr = to_float(arrays.x_train), torch.from_numpy(arrays.y_train.astype(np.int64))
@@ -309,23 +296,23 @@ def plan_rows(y: np.ndarray, cfg: DataSection,
     return train_rows, test_rows
 
 
-def cached_plan_rows(y: np.ndarray, cfg: DataSection,
-                     seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """``plan_rows``, kept in ``$HFZ_PLAN_CACHE`` when that is set (else computed each time).
+def cached_plan_rows(y: np.ndarray, cfg: DataSection, seed: int, plan_cache: str | None = None
+                     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """``plan_rows``, kept in the folder ``plan_cache`` when given (else computed each time):
+    processes of one run that share the folder partition once.
 
     The file's key hashes everything the plan depends on: the data section, the seed, the labels,
     this module's source and the flwr-datasets version. It is written to a temporary name and
     renamed, so a concurrent reader sees a whole file or none; an unreadable one is recomputed.
     """
-    root = os.environ.get(PLAN_CACHE_ENV)
-    if not root:
+    if not plan_cache:
         return plan_rows(y, cfg, seed)
     digest = hashlib.sha256()
     for part in (json.dumps([dataclasses.asdict(cfg), seed], sort_keys=True).encode(),
                  np.ascontiguousarray(y).tobytes(), str(y.dtype).encode(),
                  Path(__file__).read_bytes(), importlib.metadata.version("flwr-datasets").encode()):
         digest.update(part)
-    path = Path(root) / f"plan-{digest.hexdigest()[:32]}.npz"
+    path = Path(plan_cache) / f"plan-{digest.hexdigest()[:32]}.npz"
     n = cfg.num_participants + cfg.num_heldout
     try:
         with np.load(path) as saved:
@@ -341,16 +328,19 @@ def cached_plan_rows(y: np.ndarray, cfg: DataSection,
     return train_rows, test_rows
 
 
-def build_federation(data_cfg: DataSection, seed: int) -> Federation:
-    """The run's federation; cached per process on (config, seed), so repeated calls are free."""
-    return _build_cached(json.dumps(dataclasses.asdict(data_cfg), sort_keys=True), seed)
+def build_federation(data_cfg: DataSection, seed: int, plan_cache: str | None = None
+                     ) -> Federation:
+    """The run's federation; cached per process on (config, seed), so repeated calls are free.
+    ``plan_cache``: a folder where the partition plan is kept for the run's other processes."""
+    return _build_cached(json.dumps(dataclasses.asdict(data_cfg), sort_keys=True), seed,
+                         plan_cache or None)
 
 
 @functools.lru_cache(maxsize=4)
-def _build_cached(cfg_json: str, seed: int) -> Federation:
+def _build_cached(cfg_json: str, seed: int, plan_cache: str | None) -> Federation:
     tree = json.loads(cfg_json)
     shift = tree.pop("shift")
     cfg = DataSection(**tree, shift=ShiftSection(**shift))
     arrays = load_dataset(cfg.dataset, cfg.data_dir)
-    train_rows, test_rows = cached_plan_rows(arrays.y_train, cfg, seed)
+    train_rows, test_rows = cached_plan_rows(arrays.y_train, cfg, seed, plan_cache)
     return Federation(arrays, cfg, seed, train_rows, test_rows)

@@ -21,7 +21,11 @@ from hfz_app.config import run_config_keys
 
 
 def _set_task_identity() -> None:
-    if TaskIdentity._run_id is None:
+    """Give this process a task identity (``Message()`` reads the run id from it), unless the
+    Flower process it runs in already has one."""
+    try:
+        TaskIdentity.run_id  # noqa: B018 -- raises RuntimeError while unset
+    except RuntimeError:
         TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1
 
 

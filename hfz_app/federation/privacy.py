@@ -1,6 +1,6 @@
 """Central differential privacy for any method's strategy, with Flower's own DP wrappers.
 
-``wrap_strategy(strategy, cfg)`` puts a method's :class:`HyperFedZeroStrategy` inside Flower's
+``wrap_strategy(strategy, cfg)`` puts a method's :class:`SharedKeys` inside Flower's
 ``DifferentialPrivacyServerSideFixedClipping`` (the server clips each reply's update
 :math:`\\Delta_k = \\theta_k - \\theta` to L2 norm :math:`C`) or
 ``DifferentialPrivacyClientSideFixedClipping`` (the node clips, with Flower's
@@ -11,10 +11,12 @@ noised: personal state (BatchNorm statistics, generated weights) never leaves a 
 
 Epsilon at ``privacy.delta`` comes from Flower's ``RdpAccountant`` (a wrapper over Google's
 ``dp-accounting`` RDP accountant): one sampled Gaussian event of noise multiplier :math:`\\sigma`
-per released aggregate. Flower's wrappers can compose it themselves (``accountant=``) only around
-an unmodified ``FedAvg.aggregate_train``; ours filters shared keys, sorts and may apply server
-momentum, so the wrapper below composes the same event after each successful release and writes
-``epsilon`` into the inner strategy's ``round_stats`` (the run's metrics rows).
+per released aggregate. Flower's wrappers compose it themselves (``accountant=``) only around a
+strategy whose ``aggregate_train`` is ``FedAvg.aggregate_train`` itself
+(``DifferentialPrivacyFixedClippingBase.__init__`` in flwr 1.42 refuses any other); the
+shared-keys layer overrides it to drop replies that do not fit, so the wrapper below composes the
+same event after each successful release and writes ``epsilon`` into the inner strategy's
+``round_stats`` (the run's metrics rows).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from flwr.supercore.privacy_accounting import (
 )
 
 from hfz_app.config import Config, PrivacySection, from_run_config
-from hfz_app.federation.strategy import HyperFedZeroStrategy
+from hfz_app.federation.strategy import SharedKeys
 
 log = logging.getLogger("hfz_app")
 
@@ -90,7 +92,7 @@ def epsilon(
 
 
 def sample_size(cfg: Config) -> int:
-    """How many participants train each round (HyperFedZeroStrategy's rule)."""
+    """How many participants train each round (SharedKeys's rule)."""
     participants = cfg.data.num_participants
     size = max(int(participants * cfg.server.fraction_train), cfg.server.min_train_nodes)
     return min(size, participants)
@@ -130,10 +132,10 @@ class _Accounted:
     """Shared by both wrappers: checks replies against the shared keys before Flower clips them,
     equal weights if configured, and one accountant event per released aggregate."""
 
-    inner: HyperFedZeroStrategy
+    inner: SharedKeys
     privacy: PrivacySection
 
-    def __init__(self, inner: HyperFedZeroStrategy, privacy: PrivacySection, population: int,
+    def __init__(self, inner: SharedKeys, privacy: PrivacySection, population: int,
                  sampled: int) -> None:
         # The next class in the MRO is the Flower wrapper: (strategy, noise, clipping, sampled).
         super().__init__(inner, privacy.noise_multiplier, privacy.clipping_norm, sampled)
@@ -143,18 +145,13 @@ class _Accounted:
         self.event = (GaussianPrivacyEvent(privacy.noise_multiplier, sampled, population)
                       if self.ledger is not None else None)
 
-    def _prepare(self, replies: Iterable[Message]) -> tuple[list[Message], int]:
-        """Valid replies only (exactly the shared keys, finite, one MetricRecord), their arrays in
-        the global arrays' key order (Flower clips by position), weights made equal if asked."""
+    def _prepare(self, server_round: int, replies: Iterable[Message]) -> tuple[list[Message], int]:
+        """The replies the inner strategy accepts (exactly the shared arrays, finite, in the
+        global key order: Flower clips by position), weights made equal if asked."""
         replies = list(replies)
-        kept = [msg for msg in replies if self.inner._is_valid_train_reply(msg)]
-        order = list(self.inner._current.keys()) if self.inner._current is not None else None
-        key = self.inner.arrayrecord_key
-        for msg in kept:
-            arrays = msg.content[key]
-            if order is not None and list(arrays.keys()) != order:
-                msg.content[key] = ArrayRecord({k: arrays[k] for k in order})
-            if self.privacy.uniform_weights:
+        kept = self.inner.accept_replies(server_round, replies)
+        if self.privacy.uniform_weights:
+            for msg in kept:
                 metrics_key, metrics = next(iter(msg.content.metric_records.items()))
                 metrics[self.inner.weighted_by_key] = 1
                 msg.content[metrics_key] = metrics
@@ -163,7 +160,7 @@ class _Accounted:
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Flower's clipping and noise over the valid replies, then one accountant event."""
-        kept, dropped = self._prepare(replies)
+        kept, dropped = self._prepare(server_round, replies)
         with seeded_global_numpy(self.inner.seed, server_round):
             arrays, metrics = super().aggregate_train(server_round, kept)
         self._account(server_round, arrays, dropped)
@@ -181,15 +178,15 @@ class _Accounted:
 
 
 class ServerSideFixedClipping(_Accounted, DifferentialPrivacyServerSideFixedClipping):
-    """Flower's server-side fixed clipping around a HyperFedZeroStrategy, with accounting."""
+    """Flower's server-side fixed clipping around a SharedKeys, with accounting."""
 
 
 class ClientSideFixedClipping(_Accounted, DifferentialPrivacyClientSideFixedClipping):
-    """Flower's client-side fixed clipping around a HyperFedZeroStrategy, with accounting; the
+    """Flower's client-side fixed clipping around a SharedKeys, with accounting; the
     nodes clip with Flower's ``fixedclipping_mod`` (see :func:`privacy_mod`)."""
 
 
-def wrap_strategy(strategy: HyperFedZeroStrategy, cfg: Config) -> Strategy:
+def wrap_strategy(strategy: SharedKeys, cfg: Config) -> Strategy:
     """The method's strategy inside Flower's DP wrapper that ``privacy.dp`` names (``"none"``:
     unchanged). Keep using ``strategy`` itself for ``round_stats``/``client_metrics``."""
     p = cfg.privacy

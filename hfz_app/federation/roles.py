@@ -8,6 +8,7 @@ and ``num-partitions``) partitions ``>= data.num_participants`` are the held-out
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Mapping
@@ -21,6 +22,8 @@ log = logging.getLogger("hfz_app")
 
 ZEROSHOT_MESSAGE_TYPE = f"{MessageType.EVALUATE}.zeroshot"
 ROLE_RECORD = "role"
+# Node config key naming a SuperNode's own data files (deploy/supernode.sh --data-dir).
+NODE_DATA_DIR_KEY = "data-dir"
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,11 @@ def node_role(node_config: Mapping[str, Any], num_participants: int) -> tuple[in
     return partition, heldout
 
 
+def node_data_dir(node_config: Mapping[str, Any]) -> str:
+    """The node's own data folder or file (node config ``data-dir``), or "" for its partition."""
+    return str(node_config.get(NODE_DATA_DIR_KEY, "") or "")
+
+
 def role_reply(msg: Message, node_config: Mapping[str, Any], num_participants: int) -> Message:
     """The ClientApp's answer to the role query."""
     partition, heldout = node_role(node_config, num_participants)
@@ -52,21 +60,28 @@ def role_reply(msg: Message, node_config: Mapping[str, Any], num_participants: i
     return Message(RecordDict({ROLE_RECORD: record}), reply_to=msg)
 
 
-def discover_roles(grid: Grid, expected_nodes: int, timeout_s: float = 600.0) -> Roles:
-    """Wait for ``expected_nodes`` nodes, ask each for its role, return them grouped."""
+def wait_for_nodes(grid: Grid, expected: int, timeout_s: float, hint: str) -> list[int]:
+    """The connected node ids, once at least ``expected`` are connected; a ``TimeoutError`` naming
+    ``hint`` (the setting that says how many to expect) after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
-    while len(node_ids := sorted(grid.get_node_ids())) < expected_nodes:
+    while len(node_ids := sorted(grid.get_node_ids())) < expected:
         if time.monotonic() > deadline:
-            raise TimeoutError(
-                f"only {len(node_ids)} of {expected_nodes} nodes connected within {timeout_s:.0f}s "
-                f"(data.num_participants + data.num_heldout)"
-            )
-        log.info("waiting for nodes: %d of %d connected", len(node_ids), expected_nodes)
+            raise TimeoutError(f"only {len(node_ids)} of {expected} nodes connected within "
+                               f"{timeout_s:.0f}s ({hint})")
+        log.info("waiting for nodes: %d of %d connected", len(node_ids), expected)
         time.sleep(1.0)
-    queries = [
-        grid.create_message(RecordDict(), MessageType.QUERY, node, group_id="roles")
-        for node in node_ids
-    ]
+    return node_ids
+
+
+def discover_roles(grid: Grid, expected_nodes: int, timeout_s: float = 600.0,
+                   content: RecordDict | None = None,
+                   hint: str = "data.num_participants + data.num_heldout") -> Roles:
+    """Wait for ``expected_nodes`` nodes, ask each for its role (the query carries ``content``),
+    return them grouped."""
+    node_ids = wait_for_nodes(grid, expected_nodes, timeout_s, hint)
+    queries = [Message(copy.deepcopy(content) if content is not None else RecordDict(),
+                       dst_node_id=node, message_type=MessageType.QUERY, group_id="roles")
+               for node in node_ids]
     partition_of: dict[int, int] = {}
     heldout: set[int] = set()
     for reply in grid.send_and_receive(queries, timeout=timeout_s):
@@ -85,6 +100,4 @@ def discover_roles(grid: Grid, expected_nodes: int, timeout_s: float = 600.0) ->
         partition_of=partition_of,
     )
     log.info("roles: %d participants, %d held out", len(roles.participants), len(roles.heldout))
-    if not roles.participants:
-        raise RuntimeError("no participating node answered the role query")
     return roles

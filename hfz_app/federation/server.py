@@ -14,15 +14,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from hfz_app.arrays import ArrayMismatch
 from hfz_app.checkpoint import load_checkpoint, save_checkpoint
 from hfz_app.config import Config, ConfigError, from_run_config
-from hfz_app.data import build_federation
+from hfz_app.federation.job import Job, job_for
 from hfz_app.federation.privacy import wrap_strategy
 from hfz_app.federation.roles import discover_roles
-from hfz_app.federation.strategy import HyperFedZeroStrategy
-from hfz_app.methods import Method, get_method
+from hfz_app.federation.strategy import SharedKeys
 from hfz_app.outputs import RunOutputs, find_resume_point
-from hfz_app.training import evaluate
 
 log = logging.getLogger("hfz_app")
 
@@ -31,27 +30,18 @@ class RoundRecorder:
     """Flower's ``evaluate_fn``: after every round, gACC on the global test set, then one row of
     every metric to ``metrics.csv``/``metrics.json``, a checkpoint, and one progress line."""
 
-    def __init__(
-        self,
-        cfg: Config,
-        method: Method,
-        strategy: HyperFedZeroStrategy,
-        outputs: RunOutputs,
-        global_test: tuple[torch.Tensor, torch.Tensor],
-    ) -> None:
-        self.cfg, self.method, self.strategy, self.outputs = cfg, method, strategy, outputs
-        self.global_test = global_test
-        self.num_classes = method.num_classes
+    def __init__(self, job: Job, strategy: SharedKeys, outputs: RunOutputs) -> None:
+        self.cfg, self.runtime, self.strategy, self.outputs = job.cfg, job.runtime, strategy, outputs
+        self.global_test = job.federation.global_test()
+        self.num_classes = job.federation.num_classes
         self.start = self.last = time.monotonic()
 
-    def global_accuracy(self, arrays: ArrayRecord) -> dict[str, float]:
-        torch.manual_seed(self.cfg.run.seed)
-        model = self.method.build_model()
-        model.load_state_dict(arrays.to_torch_state_dict(), strict=False)
-        model.eval()
+    def global_accuracy(self, server_round: int, arrays: ArrayRecord) -> dict[str, float]:
+        """gACC: the shared model a new client would get, on the global test set."""
+        model = self.runtime.frozen(arrays, f"global arrays of round {server_round}")
         x, y = self.global_test
-        result = evaluate(self.method.predictor(model, x, zeroshot=True), x, y)
-        return {"gacc": result.accuracy, "gloss": result.loss}
+        metrics = self.runtime.evaluate(model, x, y, zeroshot=True, diagnostics=False)
+        return {"gacc": metrics["accuracy"], "gloss": metrics["loss"]}
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         now = time.monotonic()
@@ -59,7 +49,7 @@ class RoundRecorder:
                                "round_time_s": now - self.last}
         row |= self.strategy.round_stats.get(server_round, {})
         if server_round == 0 or self.strategy.is_eval_round(server_round):
-            row |= self.global_accuracy(arrays)
+            row |= self.global_accuracy(server_round, arrays)
         if server_round > 0:
             sent, got = row.get("n_train_sent"), row.get("n_train_replies", 0)
             missing = (sent or 0) - got - row.get("n_dropped", 0)
@@ -94,13 +84,13 @@ def progress_line(row: dict[str, Any], cfg: Config, num_classes: int = 0) -> str
     return " | ".join(parts)
 
 
-def server_state(strategy: HyperFedZeroStrategy) -> dict[str, Any]:
+def server_state(strategy: SharedKeys) -> dict[str, Any]:
     """What a restarted ServerApp needs beyond the arrays: the server optimiser's state, if any."""
     return {name: {k: torch.from_numpy(np.array(v, copy=True)) for k, v in arrays.items()}
             for name, arrays in strategy.server_state().items()}
 
 
-def restore_server_state(strategy: HyperFedZeroStrategy, state: dict[str, Any]) -> None:
+def restore_server_state(strategy: SharedKeys, state: dict[str, Any]) -> None:
     strategy.load_server_state({name: {k: v.numpy() for k, v in arrays.items()}
                                 for name, arrays in state.items()})
 
@@ -145,22 +135,19 @@ def run_server(grid: Grid, context: Context) -> RunOutputs:
 
     ``run.resume=true``: continue the latest ``outputs/<run.name>[-N]`` from its last checkpoint
     (shared arrays, server momentum, metrics rows) to ``run.rounds``; see README "Reliability"."""
-    cfg = from_run_config(context.run_config)
+    job = job_for(from_run_config(context.run_config))
+    cfg, runtime = job.cfg, job.runtime
     resume_dir, done = find_resume_point(cfg) if cfg.run.resume else (None, 0)
-    federation = build_federation(cfg.data, cfg.run.seed)
-    method = get_method(cfg.run.method)(cfg, federation.input_shape, federation.num_classes)
-    torch.manual_seed(cfg.run.seed)
-    model = method.build_model()
-    shared_keys = method.shared_keys(model)
-    state = model.state_dict()
-    initial = ArrayRecord({k: state[k] for k in shared_keys})
+    initial = runtime.initial_arrays()
     outputs = RunOutputs(cfg, resume_dir)
     if done:
-        ckpt = load_checkpoint(outputs.checkpoint_path(done))
-        if set(ckpt.shared) != set(shared_keys):
-            raise ConfigError(f"checkpoint: {outputs.checkpoint_path(done)} does not hold the "
-                              f"shared arrays of {cfg.run.method}/{cfg.model.target}")
-        initial = ArrayRecord({k: ckpt.shared[k] for k in shared_keys})
+        path = outputs.checkpoint_path(done)
+        ckpt = load_checkpoint(path)
+        try:
+            runtime.check(ckpt.shared, f"checkpoint {path}")
+        except ArrayMismatch as err:
+            raise ConfigError(f"{err} ({cfg.run.method}/{cfg.model.target})") from None
+        initial = ArrayRecord({k: ckpt.shared[k] for k in runtime.shared_keys()})
         outputs.restore(done)
         print(f"resuming {outputs.dir} after round {done} of {cfg.run.rounds}", flush=True)
     print(f"hyperfedzero: {cfg.run.method} on {cfg.data.dataset}/{cfg.model.target}, "
@@ -170,8 +157,10 @@ def run_server(grid: Grid, context: Context) -> RunOutputs:
     roles = discover_roles(
         grid, cfg.data.num_participants + cfg.data.num_heldout, cfg.server.timeout_s
     )
-    strategy = method.strategy(shared_keys, roles)
-    recorder = RoundRecorder(cfg, method, strategy, outputs, federation.global_test())
+    if not roles.participants:
+        raise RuntimeError("no participating node answered the role query")
+    strategy = job.method.strategy(runtime.shared_keys(), roles)
+    recorder = RoundRecorder(job, strategy, outputs)
     wrapped = wrap_strategy(strategy, cfg)  # Flower's DP wrapper if privacy.dp is set
     evaluate_fn = recorder
     if done:

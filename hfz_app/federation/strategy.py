@@ -1,11 +1,28 @@
-"""HyperFedZeroStrategy: FedAvg over the shared modules only, trained by participants only."""
+"""The shared-keys layer: Flower's own strategies, trained by participants on the shared arrays.
+
+:class:`SharedKeys` sits in front of any of Flower's FedAvg-family strategies (FedAvg, FedAvgM,
+FedProx, FedAdam, ...), whose maths it leaves alone. It knows three things Flower does not:
+
+- which node ids are participants and which are held out (``roles``): only participants are
+  sampled to train; held-out nodes get the zero-shot evaluation message;
+- which state-dict keys are shared: every reply is checked (keys, shapes, dtypes, finite values)
+  by :func:`hfz_app.arrays.check_arrays` and dropped with one logged line if it does not fit,
+  before Flower averages anything;
+- the run's seed and evaluation schedule: sampling and summation order repeat with the seed.
+
+:class:`HyperFedZeroStrategy` is the layer over :class:`~flwr.serverapp.strategy.FedAvgM`, the
+strategy an existing project imports; :func:`layered` builds the layer over any combination
+(``layered(FedProx, FedAvgM)``, ``layered(FedAdamKeepingDtypes)``...).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 import logging
 import random
-import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -19,257 +36,289 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, Result
-from flwr.serverapp.strategy.fedopt import FedOpt
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, Result
 
+from hfz_app.arrays import ArrayMismatch, check_arrays
 from hfz_app.evaluation.metrics import summarise_evaluation
 from hfz_app.federation.roles import ZEROSHOT_MESSAGE_TYPE, Roles
 
 log = logging.getLogger("hfz_app")
-# How long a strategy without given roles waits for min_available_nodes before giving up.
-NODE_WAIT_S = 600.0
 
 
-class HyperFedZeroStrategy(FedAvg):
-    r"""Federated Averaging of HyperFedZero's shared arrays, with zero-shot evaluation.
+@contextlib.contextmanager
+def seeded_random(seed: int) -> Iterator[None]:
+    """Python's global ``random`` seeded, then restored: Flower's ``sample_nodes`` draws with
+    ``random.sample``, so seeding around it makes the sample repeat with the run's seed."""
+    saved = random.getstate()
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(saved)
 
-    A HyperFedZero model is split into *shared* arrays :math:`\theta` -- the distribution
-    extractor :math:`\theta_f` with its noise head, the chunked hypernetwork :math:`\theta_h` with
-    its chunk embeddings, and a backbone when only a head is generated -- and *personal* state
-    (local BatchNorm statistics, optimiser state, generated weights) that never leaves a client.
-    This strategy only ever holds, sends and averages ``shared_keys``.
 
-    Participating clients, on a ``train`` message, load :math:`\theta` and minimise on their data
+class NodeSubset(Grid):
+    """A view of ``grid`` that shows only ``node_ids`` (all of its nodes, sorted, when ``None``),
+    so that Flower's own sampling in ``configure_train``/``configure_evaluate`` draws from the
+    participants alone, in a fixed order."""
 
-    .. math::
-        \frac{1}{n_k}\sum_i \ell\big(c(x_i;\, h(e_i;\theta_h)),\, y_i\big)
-        + \alpha\,\frac{\operatorname{var}(u)}{\operatorname{mean}(u)}
-        + \beta\,\frac{1}{B}\sum_i H(e_i),
-        \qquad e_i = \operatorname{softmax}\!\big(f(x_i;\theta_f) + z\,\operatorname{softplus}(
-        \mathrm{noisy}(x_i))\big),\quad u = \frac{1}{B}\sum_i e_i,
+    def __init__(self, grid: Grid, node_ids: Sequence[int] | None = None) -> None:
+        self.grid, self.node_ids = grid, node_ids
 
-    then reply with *exactly* the received keys and ``num-examples`` = :math:`n_k`. The server sets
-    :math:`\bar\theta = \sum_k n_k\theta_k / \sum_k n_k` over the valid replies; with server
-    momentum :math:`\mu` (FedAvgM) it applies :math:`v \leftarrow \mu v + (\theta - \bar\theta)`,
-    :math:`\theta \leftarrow \theta - \eta v`. A reply whose keys differ from ``shared_keys`` or
-    that holds a non-finite value is dropped and logged, never averaged.
+    @property
+    def run(self):  # type: ignore[override]
+        return self.grid.run
 
-    Evaluation, every ``eval_every`` rounds and after the last: participants get ``evaluate`` and
-    report accuracy on their local test split with their own generated weights (pACC); held-out
-    nodes get ``evaluate.zeroshot`` and run the frozen modules on all their data -- no gradient
-    step, labels used only for the metric (zACC). Held-out nodes never receive a train message.
+    def set_run(self, run_id: int) -> None:  # type: ignore[override]
+        self.grid.set_run(run_id)
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:  # type: ignore[override]
+        return self.grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.node_ids) if self.node_ids is not None else sorted(
+            self.grid.get_node_ids())
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        return self.grid.send_and_receive(messages, timeout=timeout)
+
+
+class SharedKeys:
+    r"""Role-aware, key-filtering layer over a Flower FedAvg-family strategy (put it first in the
+    bases; :func:`layered`).
+
+    Participating clients, on a ``train`` message, load the shared arrays :math:`\theta` (for
+    HyperFedZero: the extractor :math:`\theta_f` with its noise head, the chunked hypernetwork
+    :math:`\theta_h` with its chunk embeddings, and a backbone when only a head is generated),
+    minimise their local loss and reply with *exactly* the received keys and ``num-examples`` =
+    :math:`n_k`. Replies that do not fit are dropped; the rest, in partition order, go to the
+    Flower strategy underneath (FedAvg: :math:`\bar\theta = \sum_k n_k\theta_k / \sum_k n_k`).
+    Personal state (BatchNorm statistics, generated weights) never reaches the server.
+
+    Evaluation, every ``eval_every`` rounds and after the last: participants get ``evaluate``
+    (pACC, their own model on their local test split); held-out nodes get ``evaluate.zeroshot``
+    (zACC: frozen shared arrays on all their data, no gradient step). Held-out nodes never train.
 
     Parameters
     ----------
     shared_keys : Sequence[str]
-        The state-dict keys that are shared; any other key in a reply invalidates it.
+        The state-dict keys that are shared.
     roles : Roles, optional
-        Which node ids are participants and which are held out (see ``roles.discover_roles``).
-        Omitted (``None``), as in an existing project that used FedAvg: every connected node
-        (``grid.get_node_ids()``, re-read at each configure step, waiting for
-        ``min_available_nodes``) is a participant, nothing is held out, and evaluation metrics
-        are aggregated as FedAvg does (sample-weighted mean of every reported key).
+        Participants and held-out node ids (``roles.discover_roles``). ``None``, as in an existing
+        project that used FedAvg: every connected node is a participant, nothing is held out,
+        and evaluation is Flower's (sample-weighted mean of every reported key).
     num_rounds : int, optional
-        Total rounds, so that the last round is always evaluated. Omitted: taken from
-        :meth:`start`'s ``num_rounds``.
+        Total rounds, so that the last one is always evaluated (default: :meth:`start`'s).
     eval_every : int
         Evaluate every this many rounds.
-    server_momentum, server_lr : float
-        FedAvgM's :math:`\mu` and :math:`\eta`; ``0`` and ``1`` give plain FedAvg.
     seed : int
-        Seeds participant sampling when ``fraction_train < 1``.
+        Seeds node sampling (``fraction_train < 1``).
     **kwargs
-        Passed to :class:`flwr.serverapp.strategy.FedAvg`.
+        The Flower strategies' own arguments (FedAvg's, and e.g. FedAvgM's ``server_momentum``).
+        Flower's strategies pass only FedAvg's arguments up their ``super().__init__`` chain,
+        so each base is initialised here with its own arguments, first to last in the MRO.
     """
 
-    def __init__(
-        self,
-        shared_keys: Sequence[str],
-        roles: Roles | None = None,
-        *,
-        num_rounds: int | None = None,
-        eval_every: int = 1,
-        server_momentum: float = 0.0,
-        server_lr: float = 1.0,
-        seed: int = 0,
-        **kwargs: Any,
-    ) -> None:
-        kwargs.setdefault("min_train_nodes", 1)
-        kwargs.setdefault("min_evaluate_nodes", 1)
-        kwargs.setdefault("min_available_nodes", 1)
-        super().__init__(**kwargs)
-        self.shared_keys = frozenset(shared_keys)
-        # roles=None: discover participants from the grid (no held-out nodes), FedAvg-style.
+    def __init__(self, shared_keys: Sequence[str], roles: Roles | None = None, *,
+                 num_rounds: int | None = None, eval_every: int = 1, seed: int = 0,
+                 **kwargs: Any) -> None:
+        for key in ("min_train_nodes", "min_evaluate_nodes", "min_available_nodes"):
+            kwargs.setdefault(key, 1)
+        _init_flower_bases(self, kwargs)
+        self.shared_keys = tuple(shared_keys)
         self.discover_roles = roles is None
         self.roles = roles if roles is not None else Roles(participants=(), heldout=())
         self.num_rounds = num_rounds
         self._num_rounds_from_start = num_rounds is None
         self.eval_every = eval_every
-        self.server_momentum = server_momentum
-        self.server_lr = server_lr
         self.seed = seed
-        self._current: ArrayRecord | None = None
-        self._velocity: dict[str, np.ndarray] | None = None
+        self.reference: ArrayRecord | None = None  # the first global arrays: shapes and dtypes
         # What the recorder writes after each round: aggregated scalars and per-client replies.
         self.round_stats: dict[int, dict[str, float]] = {}
         self.client_metrics: dict[int, dict[str, list[dict[str, Any]]]] = {}
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
               *args: Any, **kwargs: Any) -> Result:
-        """FedAvg's ``start``; also the default for ``num_rounds`` when the constructor had none."""
+        """Flower's ``start``; also the default for ``num_rounds`` when the constructor had none."""
         if self._num_rounds_from_start:
             self.num_rounds = num_rounds
-        return super().start(grid, initial_arrays, num_rounds, *args, **kwargs)
+        return super().start(grid, initial_arrays, num_rounds, *args, **kwargs)  # type: ignore[misc]
 
-    def _refresh_roles(self, grid: Grid) -> None:
+    def _round_seed(self, server_round: int) -> int:
+        return self.seed * 1_000_003 + server_round
+
+    def _participants(self, grid: Grid) -> NodeSubset:
+        """The nodes that may train: the participants, or (no roles) every connected node."""
+        return NodeSubset(grid, None if self.discover_roles else self.roles.participants)
+
+    def _note_connected(self, node_ids: Iterable[int]) -> None:
         """Without given roles, every connected node is a participant (partition = rank of id)."""
-        if not self.discover_roles:
-            return
-        needed = max(self.min_available_nodes, self.min_train_nodes, 1)
-        deadline = time.monotonic() + NODE_WAIT_S
-        while len(node_ids := sorted(grid.get_node_ids())) < needed:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"min_available_nodes: {len(node_ids)} of {needed} nodes "
-                                   f"connected after {NODE_WAIT_S:.0f} s")
-            log.info("waiting for nodes: %d of %d connected", len(node_ids), needed)
-            time.sleep(1.0)
-        self.roles = Roles(participants=tuple(node_ids), heldout=(),
-                           partition_of={n: i for i, n in enumerate(node_ids)})
+        if self.discover_roles:
+            ids = sorted(node_ids)
+            self.roles = Roles(participants=tuple(ids), heldout=(),
+                               partition_of={n: i for i, n in enumerate(ids)})
+
+    def _by_partition(self, messages: Iterable[Message], node_of) -> list[Message]:
+        return sorted(messages, key=lambda m: self.roles.partition_of.get(node_of(m), 0))
 
     # -- training -------------------------------------------------------------------------------
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Sample participants only; held-out nodes are never asked to train."""
-        self._check_arrays(arrays)
-        self._refresh_roles(grid)
-        participants = list(self.roles.participants)
-        sample_size = max(int(len(participants) * self.fraction_train), self.min_train_nodes)
-        sample_size = min(sample_size, len(participants))
-        rng = random.Random(self.seed * 1_000_003 + server_round)
-        node_ids = sorted(rng.sample(participants, sample_size), key=self.roles.partition_of.get)
-        self._current = arrays
-        config["server-round"] = server_round
-        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """Flower's sampling and messages, over the participants only."""
+        self._check_global(arrays)
+        if isinstance(self, FedAvgM):
+            # FedAvgM steps from the arrays it last produced; a wrapper that changes them after
+            # aggregation (DP noise) must not leave it stepping from stale ones.
+            self.current_arrays = arrays
+        view = self._participants(grid)
+        with seeded_random(self._round_seed(server_round)):
+            messages = list(super().configure_train(  # type: ignore[misc]
+                server_round, arrays, config, view))
+        self._note_connected(view.get_node_ids())
+        messages = self._by_partition(messages, lambda m: m.metadata.dst_node_id)
         self.round_stats[server_round] = {
-            "n_train_sent": len(node_ids),
-            "bytes_sent": float(arrays.count_bytes() * len(node_ids)),
+            "n_train_sent": len(messages),
+            "bytes_sent": float(arrays.count_bytes() * len(messages)),
             "bytes_sent_per_client": float(arrays.count_bytes()),
         }
-        log.info("round %d: training %d of %d participants", server_round, len(node_ids),
-                 len(participants))
-        return self._construct_messages(record, node_ids, MessageType.TRAIN)
+        return messages
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Drop invalid replies, then FedAvg (plus optional server momentum) in partition order."""
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The Flower strategy's aggregation over the replies that fit, in partition order."""
+        kept = self.accept_replies(server_round, replies)
+        arrays, metrics = super().aggregate_train(server_round, kept)  # type: ignore[misc]
+        if metrics is not None:
+            self.round_stats.setdefault(server_round, {}).update(
+                {k: float(v) for k, v in metrics.items() if not isinstance(v, list)})
+        return arrays, metrics
+
+    def accept_replies(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """The train replies that fit (no error; one ArrayRecord with exactly the shared arrays,
+        finite; one MetricRecord with the weight key), their arrays in the global key order,
+        sorted by partition; the others are logged and counted as dropped."""
         replies = list(replies)
-        kept = [msg for msg in replies if self._is_valid_train_reply(msg)]
-        # Summation order fixes float rounding: sort by partition id (node ids are random per run).
-        kept.sort(key=lambda msg: self.roles.partition_of.get(msg.metadata.src_node_id, 0))
+        kept = []
+        for msg in replies:
+            problem = self._reply_problem(msg)
+            if problem:
+                log.warning("dropped reply from node %s: %s", msg.metadata.src_node_id, problem)
+                continue
+            arrays = msg.content[self.arrayrecord_key]  # type: ignore[attr-defined]
+            if list(arrays.keys()) != self.key_order():  # Flower's steps zip arrays by position
+                msg.content[self.arrayrecord_key] = ArrayRecord(  # type: ignore[attr-defined]
+                    {k: arrays[k] for k in self.key_order()})
+            kept.append(msg)
+        kept = self._by_partition(kept, lambda m: m.metadata.src_node_id)
         stats = self.round_stats.setdefault(server_round, {})
         stats["n_train_replies"] = len(kept)
         stats["n_dropped"] = len(replies) - len(kept)
-        stats["bytes_received"] = float(
-            sum(msg.content[self.arrayrecord_key].count_bytes() for msg in kept)
-        )
+        stats["bytes_received"] = float(sum(
+            m.content[self.arrayrecord_key].count_bytes() for m in kept))  # type: ignore[attr-defined]
         stats["bytes_received_per_client"] = stats["bytes_received"] / max(len(kept), 1)
-        arrays, metrics = super().aggregate_train(server_round, kept)
-        if arrays is not None and (self.server_momentum > 0 or self.server_lr != 1.0):
-            arrays = self._server_step(arrays)
-        if metrics is not None:
-            stats.update({k: float(v) for k, v in metrics.items() if not isinstance(v, list)})
-        return arrays, metrics
+        return kept
 
-    def _is_valid_train_reply(self, msg: Message) -> bool:
-        node = msg.metadata.src_node_id
+    def _reply_problem(self, msg: Message) -> str:
+        """Why a train reply cannot be averaged ("" if it can)."""
         if msg.has_error():
-            log.warning("round reply from node %s failed: %s", node, msg.error.reason)
-            return False
-        arrays = msg.content.array_records.get(self.arrayrecord_key)
-        if arrays is None or len(msg.content.array_records) != 1:
-            log.warning("dropped reply from node %s: expected one ArrayRecord '%s'", node,
-                        self.arrayrecord_key)
-            return False
-        keys = set(arrays.keys())
-        if keys != self.shared_keys:
-            extra, missing = sorted(keys - self.shared_keys), sorted(self.shared_keys - keys)
-            log.warning("dropped reply from node %s: not the shared keys (foreign %s, missing %s)",
-                        node, extra[:5], missing[:5])
-            return False
-        for key, array in arrays.items():
-            if not np.isfinite(array.numpy()).all():
-                log.warning("dropped reply from node %s: non-finite values in '%s'", node, key)
-                return False
-        metrics = msg.content.metric_records
-        if len(metrics) != 1 or self.weighted_by_key not in next(iter(metrics.values())):
-            log.warning("dropped reply from node %s: expected one MetricRecord with '%s'", node,
-                        self.weighted_by_key)
-            return False
-        return True
+            return f"failed: {msg.error.reason}"
+        content, key = msg.content, self.arrayrecord_key  # type: ignore[attr-defined]
+        if len(content.array_records) != 1 or key not in content.array_records:
+            return f"expected one ArrayRecord '{key}'"
+        try:
+            check_arrays(content[key], self._expected(), "arrays")
+        except ArrayMismatch as err:
+            return str(err)
+        weight = self.weighted_by_key  # type: ignore[attr-defined]
+        if len(content.metric_records) != 1 or weight not in next(
+                iter(content.metric_records.values())):
+            return f"expected one MetricRecord with '{weight}'"
+        return ""
 
-    def _server_step(self, averaged: ArrayRecord) -> ArrayRecord:
-        """FedAvgM: treat (current - average) as a pseudo-gradient with momentum and step size."""
-        assert self._current is not None
-        current = {k: v.numpy() for k, v in self._current.items()}
-        average = {k: v.numpy() for k, v in averaged.items()}
-        if self._velocity is None:
-            self._velocity = {k: np.zeros_like(v) for k, v in current.items()}
-        updated = {}
-        for key, value in current.items():
-            pseudo_grad = value - average[key]
-            self._velocity[key] = self.server_momentum * self._velocity[key] + pseudo_grad
-            updated[key] = (value - self.server_lr * self._velocity[key]).astype(value.dtype)
-        return ArrayRecord({k: Array(v) for k, v in updated.items()})
+    def key_order(self) -> list[str]:
+        """The global arrays' key order, which every reply is put in."""
+        return list(self.reference.keys()) if self.reference is not None else list(
+            self.shared_keys)
+
+    def _expected(self) -> dict[str, Any]:
+        if self.reference is not None:
+            return dict(self.reference.items())
+        return dict.fromkeys(self.shared_keys)
+
+    def _check_global(self, arrays: ArrayRecord) -> None:
+        try:
+            check_arrays(arrays, self._expected(), "global arrays (exactly the shared keys)")
+        except ArrayMismatch as err:
+            raise ValueError(f"{type(self).__name__}: {err}") from None
+        if self.reference is None:
+            self.reference = arrays
+
+    # -- server optimiser state, for checkpoints -------------------------------------------------
+
+    # checkpoint name -> (attribute of the Flower strategy, held as a list in key order?)
+    _SERVER_STATE = {"velocity": ("momentum_vector", True), "fedadam_m": ("m_t", False),
+                     "fedadam_v": ("v_t", False)}
 
     def server_state(self) -> dict[str, dict[str, np.ndarray]]:
-        """The optimiser state a restarted ServerApp needs beyond the arrays (FedAvgM: velocity)."""
-        return {} if self._velocity is None else {"velocity": self._velocity}
+        """The Flower strategy's optimiser state (FedAvgM's momentum, FedAdam's moments), by key:
+        what a restarted ServerApp needs beyond the arrays."""
+        state = {}
+        for name, (attr, as_list) in self._SERVER_STATE.items():
+            value = getattr(self, attr, None)
+            if value:
+                state[name] = dict(zip(self.key_order(), value)) if as_list else dict(value)
+        return state
 
     def load_server_state(self, state: dict[str, dict[str, np.ndarray]]) -> None:
-        if "velocity" in state:
-            self._velocity = state["velocity"]
-
-    def _check_arrays(self, arrays: ArrayRecord) -> None:
-        keys = set(arrays.keys())
-        if keys != self.shared_keys:
-            raise ValueError(
-                f"HyperFedZeroStrategy: the global arrays must hold exactly the shared keys; "
-                f"foreign {sorted(keys - self.shared_keys)[:5]}, "
-                f"missing {sorted(self.shared_keys - keys)[:5]}"
-            )
+        for name, (attr, as_list) in self._SERVER_STATE.items():
+            if name in state and hasattr(self, attr):
+                value = state[name]
+                setattr(self, attr, [value[k] for k in self.key_order()] if as_list
+                        else dict(value))
 
     # -- evaluation -----------------------------------------------------------------------------
 
     def is_eval_round(self, server_round: int) -> bool:
         return server_round % self.eval_every == 0 or server_round == self.num_rounds
 
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """pACC on every participant, zACC on every held-out node, on evaluation rounds."""
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """On evaluation rounds: pACC on every participant, zACC on every held-out node (without
+        roles: Flower's own evaluation of the connected nodes)."""
         if not self.is_eval_round(server_round):
             return []
-        self._refresh_roles(grid)
+        if self.discover_roles:
+            view = NodeSubset(grid)
+            with seeded_random(self._round_seed(server_round)):
+                messages = list(super().configure_evaluate(  # type: ignore[misc]
+                    server_round, arrays, config, view))
+            self._note_connected(view.get_node_ids())
+            return self._by_partition(messages, lambda m: m.metadata.dst_node_id)
         config["server-round"] = server_round
-        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        return [
-            *self._construct_messages(record, list(self.roles.participants),
-                                      MessageType.EVALUATE),
-            *self._construct_messages(record, list(self.roles.heldout), ZEROSHOT_MESSAGE_TYPE),
-        ]
+        record = RecordDict({self.arrayrecord_key: arrays,  # type: ignore[attr-defined]
+                             self.configrecord_key: config})  # type: ignore[attr-defined]
+        return [Message(record, dst_node_id=node, message_type=kind)
+                for nodes, kind in ((self.roles.participants, MessageType.EVALUATE),
+                                    (self.roles.heldout, ZEROSHOT_MESSAGE_TYPE))
+                for node in nodes]
 
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        """Summarise pACC over participants and zACC (mean, spread, percentiles) over held-out."""
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        """pACC over participants and zACC (mean, spread, percentiles) over held-out nodes
+        (without roles: Flower's sample-weighted mean of every key)."""
         replies = list(replies)
         if not replies:
             return None
-        if self.discover_roles:  # an existing project's own metric keys: FedAvg's weighted mean
-            metrics = super().aggregate_evaluate(server_round, replies)
+        if self.discover_roles:
+            metrics = super().aggregate_evaluate(server_round, replies)  # type: ignore[misc]
             if metrics is not None:
                 self.round_stats.setdefault(server_round, {}).update(
                     {k: float(v) for k, v in metrics.items() if not isinstance(v, list)})
@@ -291,54 +340,59 @@ class HyperFedZeroStrategy(FedAvg):
         return MetricRecord(summary)
 
 
-class _FedAdamStep(FedAdam):
-    r"""Flower's :class:`~flwr.serverapp.strategy.FedAdam` step on top of a key-filtering strategy.
+def _init_flower_bases(strategy: SharedKeys, kwargs: dict[str, Any]) -> None:
+    """Initialise each Flower base of ``strategy`` with FedAvg's arguments plus its own, first to
+    last in the MRO: a later base re-initialises only classes further down, so every base ends up
+    with its own arguments (Flower's ``__init__``\\ s forward only FedAvg's)."""
+    common = set(inspect.signature(FedAvg.__init__).parameters) - {"self"}
+    bases = [c for c in type(strategy).__mro__
+             if issubclass(c, FedAvg) and "__init__" in vars(c) and not issubclass(c, SharedKeys)]
+    own = {c: set(inspect.signature(c.__init__).parameters) - common - {"self"} for c in bases}
+    unknown = set(kwargs) - common - set().union(*own.values())
+    if unknown:
+        raise TypeError(f"{type(strategy).__name__}: unexpected argument(s) {sorted(unknown)}")
+    shared = {k: v for k, v in kwargs.items() if k in common}
+    for base in bases:
+        base.__init__(strategy, **shared, **{k: v for k, v in kwargs.items() if k in own[base]})
 
-    Put first in the bases of a :class:`HyperFedZeroStrategy` subclass (:func:`with_fedadam`):
-    the filtered, sample-weighted average :math:`\bar\theta` of the valid replies becomes
-    FedAdam's pseudo-gradient :math:`\Delta_t = \bar\theta - \theta_t`, and
+
+class HyperFedZeroStrategy(SharedKeys, FedAvgM):
+    r"""FedAvg over the shared arrays only, with optional server momentum (Flower's FedAvgM).
+
+    With ``server_momentum`` :math:`\mu` and ``server_learning_rate`` :math:`\eta`, from the
+    average :math:`\bar\theta` of the valid replies:
+    :math:`v \leftarrow \mu v + (\theta - \bar\theta)`, :math:`\theta \leftarrow \theta - \eta v`
+    (Hsu et al. 2019); ``0`` and ``1`` give plain FedAvg. See :class:`SharedKeys` for roles,
+    the reply check and evaluation.
+    """
+
+
+class FedAdamKeepingDtypes(FedAdam):
+    r"""Flower's FedAdam (Reddi et al. 2021), each array kept in its own dtype.
 
     .. math::
-        m_t = \beta_1 m_{t-1} + (1-\beta_1)\Delta_t,\quad
+        \Delta_t = \bar\theta - \theta_t,\quad m_t = \beta_1 m_{t-1} + (1-\beta_1)\Delta_t,\quad
         v_t = \beta_2 v_{t-1} + (1-\beta_2)\Delta_t^2,\quad
         \theta_{t+1} = \theta_t + \eta_t\, \frac{m_t}{\sqrt{v_t} + \tau}
 
-    (Reddi et al. 2021; :math:`\eta_t` is Flower's bias-corrected step). Only shared keys are
-    ever in :math:`\theta`, so personal state never enters the optimiser.
+    Flower's bias-corrected step :math:`\eta_t` is a float64 numpy scalar, which turns float32
+    arrays into float64 ones: the nodes would then receive arrays their model does not hold.
     """
-
-    def __init__(self, shared_keys: Sequence[str], roles: Roles | None = None, *,
-                 eta: float, beta_1: float, beta_2: float, tau: float, **kwargs: Any) -> None:
-        # FedOpt.__init__ takes FedAvg's arguments only; ours go to the key-filtering strategy,
-        # the next class after FedOpt in this MRO.
-        super(FedOpt, self).__init__(shared_keys, roles, **kwargs)
-        self.current_arrays = None
-        self.eta, self.eta_l, self.tau = eta, 0.0, tau
-        self.beta_1, self.beta_2 = beta_1, beta_2
-        self.m_t = self.v_t = None
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         arrays, metrics = super().aggregate_train(server_round, replies)
-        if arrays is None:
+        if arrays is None or self.current_arrays is None:
             return arrays, metrics
-        # FedAdam's bias correction is a float64 scalar: keep each array's own dtype.
-        assert self.current_arrays is not None
         return ArrayRecord({k: Array(v.numpy().astype(self.current_arrays[k].dtype, copy=False))
                             for k, v in arrays.items()}), metrics
 
-    def server_state(self) -> dict[str, dict[str, np.ndarray]]:
-        state = {"fedadam_m": self.m_t, "fedadam_v": self.v_t}
-        return {k: v for k, v in state.items() if v}
 
-    def load_server_state(self, state: dict[str, dict[str, np.ndarray]]) -> None:
-        self.m_t, self.v_t = state.get("fedadam_m"), state.get("fedadam_v")
-
-
-def with_fedadam(strategy_class: type[HyperFedZeroStrategy]) -> type[HyperFedZeroStrategy]:
-    """``strategy_class`` with FedAdam's server step after its key filter and average.
-
-    Works for any :class:`HyperFedZeroStrategy` subclass (FedProx's too): the result takes the
-    class's own arguments plus ``eta``, ``beta_1``, ``beta_2`` and ``tau``."""
-    return type(f"FedAdam{strategy_class.__name__}", (_FedAdamStep, strategy_class),
-                {"__doc__": _FedAdamStep.__doc__})
+@functools.cache
+def layered(*flower_bases: type[FedAvg]) -> type[SharedKeys]:
+    """The :class:`SharedKeys` layer over Flower strategies, e.g. ``layered(FedProx, FedAvgM)``:
+    FedProx's hook (``proximal-mu`` in the round's config) with FedAvgM's server step."""
+    if flower_bases == (FedAvgM,):
+        return HyperFedZeroStrategy
+    name = "HyperFedZero" + "".join(b.__name__ for b in flower_bases)
+    return type(name, (SharedKeys, *flower_bases), {"__doc__": SharedKeys.__doc__})

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from hfz_app.config import ConfigError
+import torch
+
+from hfz_app.config import Config, ConfigError
 from hfz_app.methods.base import Method
 from hfz_app.methods.ditto import DittoMethod
 from hfz_app.methods.fedavg import FedAvgMethod
@@ -11,6 +13,7 @@ from hfz_app.methods.fedprox import FedProxMethod
 from hfz_app.methods.finetune import FineTuneMethod
 from hfz_app.methods.hyperfedzero import HyperFedZeroMethod
 from hfz_app.methods.pfedme import PFedMeMethod
+from hfz_app.methods.runtime import MethodRuntime
 
 METHODS: dict[str, type[Method]] = {
     m.name: m
@@ -28,4 +31,10 @@ def get_method(name: str) -> type[Method]:
             from None
 
 
-__all__ = ["METHODS", "Method", "get_method"]
+def runtime_for(cfg: Config, input_shape: tuple[int, int, int], num_classes: int,
+                device: torch.device | str = "cpu") -> MethodRuntime:
+    """The configured method, ready to build, load and evaluate its model (the one seam)."""
+    return MethodRuntime(get_method(cfg.run.method)(cfg, input_shape, num_classes), device)
+
+
+__all__ = ["METHODS", "Method", "MethodRuntime", "get_method", "runtime_for"]

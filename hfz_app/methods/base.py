@@ -12,11 +12,12 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
+from flwr.serverapp.strategy import FedAvg, FedAvgM
 from torch import nn
 
 from hfz_app.config import Config
 from hfz_app.federation.roles import Roles
-from hfz_app.federation.strategy import HyperFedZeroStrategy, with_fedadam
+from hfz_app.federation.strategy import FedAdamKeepingDtypes, SharedKeys, layered
 from hfz_app.training import LossFn, make_optimizer, train_epochs
 
 # Buffers that describe one client's data, never another's: kept local by every method.
@@ -30,6 +31,9 @@ class Method:
     # Label-prior batches (train.prior_alpha) only help a model that conditions on its batch; a
     # baseline run with a HyperFedZero preset must not inherit them (they cost FedAvg 0.3 zACC).
     uses_label_prior_batches: ClassVar[bool] = False
+    #: A held-out client gets a model from the frozen shared arrays alone (no label, no gradient
+    #: step): the zero-shot app and export accept the method's checkpoints.
+    zero_shot: ClassVar[bool] = True
 
     def __init__(self, cfg: Config, input_shape: tuple[int, int, int], num_classes: int) -> None:
         self.cfg = cfg
@@ -117,27 +121,35 @@ class Method:
         """Extra per-client evaluation metrics (HyperFedZero: embedding collapse)."""
         return {}
 
+    def zeroshot_module(self, model: nn.Module) -> nn.Module:
+        """The module a new client runs (what export writes): the model itself by default."""
+        return model
+
     # -- server side ----------------------------------------------------------------------------
 
-    #: The strategy class; a method with its own server hook (FedProx) names its class here.
-    strategy_class: type[HyperFedZeroStrategy] = HyperFedZeroStrategy
+    #: Flower strategies whose hooks this method's server needs, before the server step
+    #: (FedProx: ``proximal-mu`` in each round's config).
+    strategy_hooks: ClassVar[tuple[type[FedAvg], ...]] = ()
 
-    def strategy(self, shared_keys: list[str], roles: Roles) -> HyperFedZeroStrategy:
-        """``strategy_class`` with ``strategy_kwargs``; under ``server.optimizer=fedadam`` with
-        Flower's FedAdam step after its key filter (``with_fedadam``)."""
-        server = self.cfg.server
+    def strategy(self, shared_keys: list[str], roles: Roles) -> SharedKeys:
+        """The shared-keys layer over Flower's strategies: this method's hooks, then the server
+        step ``server.optimizer`` names (FedAvgM with ``server_momentum`` and ``server_lr``, or
+        FedAdam with the ``fedadam_*`` settings)."""
+        cfg, server = self.cfg, self.cfg.server
         if server.optimizer == "fedadam":
-            return with_fedadam(self.strategy_class)(
-                shared_keys, roles, eta=server.fedadam_eta, beta_1=server.fedadam_beta_1,
-                beta_2=server.fedadam_beta_2, tau=server.fedadam_tau, **self.strategy_kwargs())
-        return self.strategy_class(shared_keys, roles, **self.strategy_kwargs())
+            step: type[FedAvg] = FedAdamKeepingDtypes
+            step_kwargs: dict[str, Any] = {
+                "eta": server.fedadam_eta, "beta_1": server.fedadam_beta_1,
+                "beta_2": server.fedadam_beta_2, "tau": server.fedadam_tau}
+        else:
+            step = FedAvgM
+            step_kwargs = {"server_momentum": server.server_momentum,
+                           "server_learning_rate": server.server_lr}
+        return layered(*self.strategy_hooks, step)(
+            shared_keys, roles, num_rounds=cfg.run.rounds, eval_every=cfg.run.eval_every,
+            seed=cfg.run.seed, fraction_train=server.fraction_train,
+            min_train_nodes=server.min_train_nodes, **step_kwargs, **self.strategy_kwargs())
 
     def strategy_kwargs(self) -> dict[str, Any]:
-        """The run config's server settings, for this method's strategy class."""
-        cfg = self.cfg
-        return {
-            "num_rounds": cfg.run.rounds, "eval_every": cfg.run.eval_every,
-            "server_momentum": cfg.server.server_momentum, "server_lr": cfg.server.server_lr,
-            "seed": cfg.run.seed, "fraction_train": cfg.server.fraction_train,
-            "min_train_nodes": cfg.server.min_train_nodes,
-        }
+        """This method's own arguments for its ``strategy_hooks`` (FedProx: ``proximal_mu``)."""
+        return {}

@@ -9,29 +9,7 @@ import torch
 from flwr.serverapp.strategy import FedProx
 from torch import nn
 
-from hfz_app.federation.roles import Roles
-from hfz_app.federation.strategy import HyperFedZeroStrategy
 from hfz_app.methods.fedavg import FedAvgMethod
-
-
-class FedProxStrategy(FedProx, HyperFedZeroStrategy):
-    r"""Flower's :class:`~flwr.serverapp.strategy.FedProx` restricted to the shared keys.
-
-    FedProx's one hook (``configure_train`` puts ``proximal-mu`` in the round's ConfigRecord)
-    runs first, then HyperFedZeroStrategy's participant sampling, key filter and evaluation.
-    The client minimises, from the received global weights :math:`w^t`,
-
-    .. math::
-        F_k(w) + \frac{\mu}{2}\,\lVert w - w^t \rVert^2 .
-
-    ``proximal_mu = 0`` is FedAvg.
-    """
-
-    def __init__(self, shared_keys, roles: Roles, *, proximal_mu: float, **kwargs: Any) -> None:
-        # FedProx.__init__ takes FedAvg's arguments only; ours go through HyperFedZeroStrategy,
-        # whose super() is FedAvg in this MRO (FedProxStrategy -> FedProx -> HFZ -> FedAvg).
-        HyperFedZeroStrategy.__init__(self, shared_keys, roles, **kwargs)
-        self.proximal_mu = proximal_mu
 
 
 def proximal_term(model: nn.Module, anchor: list[torch.Tensor]) -> torch.Tensor:
@@ -41,8 +19,14 @@ def proximal_term(model: nn.Module, anchor: list[torch.Tensor]) -> torch.Tensor:
 
 
 class FedProxMethod(FedAvgMethod):
-    """Li et al. 2020. One shared target network; the local loss adds (mu/2)||w - w^t||^2 with mu
-    read from the round's config, as Flower's FedProx strategy sends it."""
+    r"""Li et al. 2020. One shared target network; from the received global weights :math:`w^t`
+    the client minimises
+
+    .. math::
+        F_k(w) + \frac{\mu}{2}\,\lVert w - w^t \rVert^2,
+
+    with :math:`\mu` read from the round's config, where Flower's own FedProx strategy puts it
+    (its one hook, under the shared-keys layer). ``fedprox.mu = 0`` is FedAvg."""
 
     name = "fedprox"
 
@@ -56,7 +40,7 @@ class FedProxMethod(FedAvgMethod):
 
         return self.fit(model, loss, x, y, generator)
 
-    strategy_class = FedProxStrategy
+    strategy_hooks = (FedProx,)
 
     def strategy_kwargs(self) -> dict[str, Any]:
-        return {**super().strategy_kwargs(), "proximal_mu": self.cfg.fedprox.mu}
+        return {"proximal_mu": self.cfg.fedprox.mu}

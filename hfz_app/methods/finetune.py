@@ -18,6 +18,7 @@ class FineTuneMethod(FedAvgMethod):
     (``finetune.lr``, batch ``train.batch_size``) on it, and is evaluated on the rest."""
 
     name = "finetune"
+    zero_shot = False  # labels and gradient steps on the held-out client
 
     def prepare_heldout(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                         generator: torch.Generator):

@@ -56,3 +56,6 @@ class PersonalisedMethod(Method):
 
     def predict_zeroshot(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model.shared(x)
+
+    def zeroshot_module(self, model: nn.Module) -> nn.Module:
+        return model.shared

@@ -23,16 +23,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid
 
 from hfz_app.checkpoint import Checkpoint, load_checkpoint
 from hfz_app.config import Config, run_config_keys
 from hfz_app.evaluation.metrics import summarise_evaluation
-from hfz_app.federation.roles import ROLE_RECORD, ZEROSHOT_MESSAGE_TYPE
+from hfz_app.federation.roles import ZEROSHOT_MESSAGE_TYPE, discover_roles
 from hfz_app.outputs import RunOutputs, resolve_output_root
 from hfz_app.zeroshot.client import CONFIG_JSON_KEY, CONFIG_RECORD, NUM_PARTICIPANTS_KEY
-from hfz_app.zeroshot.frozen import ZeroShotError, check_method, config_from_dict, config_to_json
+from hfz_app.zeroshot.checkpoint_config import ZeroShotError, checkpoint_config, config_to_json
 
 log = logging.getLogger("hfz_app")
 
@@ -142,8 +142,7 @@ def plan_zeroshot(run_config: Mapping[str, Any]) -> ZeroShotPlan:
         checkpoint = load_checkpoint(path)
     except (OSError, ValueError) as err:
         raise ZeroShotError(str(err)) from None
-    cfg = config_from_dict(checkpoint.config, overrides)
-    check_method(cfg)
+    cfg = checkpoint_config(checkpoint.config, overrides)
     name = str(own["name"]) if _set(own["name"]) else f"{cfg.run.name}-zeroshot"
     out_cfg = dataclasses.replace(cfg, run=dataclasses.replace(
         cfg.run, name=name, output_dir=str(own["output-dir"]), resume=False))
@@ -155,32 +154,15 @@ def plan_zeroshot(run_config: Mapping[str, Any]) -> ZeroShotPlan:
 
 def discover_heldout(grid: Grid, plan: ZeroShotPlan) -> dict[int, int]:
     """Held-out node id -> partition id, from a role query to every connected node."""
-    deadline = time.monotonic() + plan.timeout_s
-    while len(node_ids := sorted(grid.get_node_ids())) < plan.min_nodes:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"only {len(node_ids)} of {plan.min_nodes} nodes connected within "
-                               f"{plan.timeout_s:.0f}s (set min-nodes)")
-        print(f"waiting for nodes: {len(node_ids)} of {plan.min_nodes} connected", flush=True)
-        time.sleep(1.0)
     content = RecordDict({CONFIG_RECORD: ConfigRecord(
         {NUM_PARTICIPANTS_KEY: plan.cfg.data.num_participants})})
-    queries = [Message(content, dst_node_id=node, message_type=MessageType.QUERY,
-                       group_id="roles") for node in node_ids]
-    heldout: dict[int, int] = {}
-    for reply in grid.send_and_receive(queries, timeout=plan.timeout_s):
-        node = reply.metadata.src_node_id
-        if reply.has_error():
-            log.warning("node %s did not answer the role query: %s", node, reply.error.reason)
-            continue
-        role = reply.content.config_records[ROLE_RECORD]
-        if bool(role["held-out"]):
-            heldout[node] = int(role["partition-id"])
-    if not heldout:
+    roles = discover_roles(grid, plan.min_nodes, plan.timeout_s, content, hint="set min-nodes")
+    if not roles.heldout:
         raise ZeroShotError(
-            f"zero-shot: none of the {len(node_ids)} nodes is held out (simulation: more than "
-            f"data.num_participants={plan.cfg.data.num_participants} supernodes; deployment: "
+            f"zero-shot: none of the {len(roles.partition_of)} nodes is held out (simulation: more "
+            f"than data.num_participants={plan.cfg.data.num_participants} supernodes; deployment: "
             f"--node-config 'held-out=true')")
-    return dict(sorted(heldout.items(), key=lambda item: item[1]))
+    return {node: roles.partition_of[node] for node in roles.heldout}
 
 
 def evaluate_heldout(grid: Grid, plan: ZeroShotPlan, heldout: Mapping[int, int]

@@ -1,0 +1,124 @@
+"""A method's model and its arrays: the one seam every caller goes through.
+
+The ClientApp handlers, the ServerApp (initial arrays, gACC, resumed checkpoints), the zero-shot
+app, export and the benchmarks all build, load, keep and evaluate a method's model here, so that
+seeding, devices, the shared/personal split, array checks and the evaluation loop exist once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, RecordDict
+from torch import nn
+
+from hfz_app.arrays import check_arrays, keep_personal, load_arrays, select, to_record
+from hfz_app.methods.base import Method
+
+EVAL_BATCH = 512
+
+
+@dataclass
+class EvalResult:
+    accuracy: float
+    loss: float
+    num_examples: int
+
+
+@torch.inference_mode()
+def evaluate_logits(predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                    y: torch.Tensor, batch_size: int = EVAL_BATCH,
+                    device: torch.device | str = "cpu") -> EvalResult:
+    """Accuracy and mean cross-entropy of ``predict`` (logits) on (x, y); no gradients."""
+    correct, loss_sum = 0, 0.0
+    for start in range(0, len(x), batch_size):
+        logits = predict(x[start : start + batch_size].to(device))
+        target = y[start : start + batch_size].to(device)
+        loss_sum += float(nn.functional.cross_entropy(logits, target, reduction="sum"))
+        correct += int((logits.argmax(dim=1) == target).sum())
+    n = len(x)
+    return EvalResult(correct / max(n, 1), loss_sum / max(n, 1), n)
+
+
+class MethodRuntime:
+    """``method``'s model on ``device``: built, loaded, kept and evaluated the same way everywhere.
+
+    Every model is built after ``torch.manual_seed(run.seed)``, so whatever is neither received
+    nor personal (e.g. a flat layout's constant buffer) starts identical on every node.
+    """
+
+    def __init__(self, method: Method, device: torch.device | str = "cpu") -> None:
+        self.method = method
+        self.device = torch.device(device)
+        self._reference: dict[str, torch.Tensor] | None = None
+
+    # -- building -------------------------------------------------------------------------------
+
+    def build(self) -> nn.Module:
+        """A fresh model with the run's initial values."""
+        torch.manual_seed(self.method.cfg.run.seed)
+        return self.method.build_model().to(self.device)
+
+    def shared_reference(self) -> dict[str, torch.Tensor]:
+        """The initial shared arrays: key order, shapes and dtypes every received array must have."""
+        if self._reference is None:
+            model = self.build()
+            self._reference = select(model, self.method.shared_keys(model))
+        return self._reference
+
+    def shared_keys(self) -> list[str]:
+        return list(self.shared_reference())
+
+    def initial_arrays(self) -> ArrayRecord:
+        """What the server starts from."""
+        return to_record(self.shared_reference())
+
+    def check(self, arrays: ArrayRecord | Mapping[str, torch.Tensor], what: str) -> None:
+        """One-line :class:`~hfz_app.arrays.ArrayMismatch` unless ``arrays`` fit this model."""
+        tensors = arrays.to_torch_state_dict() if isinstance(arrays, ArrayRecord) else arrays
+        check_arrays(tensors, self.shared_reference(), what)
+
+    # -- a node's model -------------------------------------------------------------------------
+
+    def receive(self, arrays: ArrayRecord | Mapping[str, torch.Tensor], what: str,
+                state: RecordDict | None = None) -> nn.Module:
+        """The model with the received shared arrays (checked) and, with ``state``
+        (``context.state``), this node's personal arrays."""
+        model = self.build()
+        load_arrays(model, self.method.shared_keys(model), arrays, what, state)
+        return model
+
+    def frozen(self, arrays: ArrayRecord | Mapping[str, torch.Tensor], what: str) -> nn.Module:
+        """The shared arrays alone, in eval mode, nothing trainable: a client that never trained.
+        No optimiser exists on this path."""
+        model = self.receive(arrays, what)
+        model.eval()
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        return model
+
+    def reply(self, model: nn.Module, state: RecordDict | None = None) -> ArrayRecord:
+        """The shared arrays to send; the personal ones go to ``state`` (never sent)."""
+        if state is not None:
+            keep_personal(model, self.method.personal_keys(model), state)
+        return to_record(select(model, self.method.shared_keys(model)))
+
+    # -- evaluation -----------------------------------------------------------------------------
+
+    def evaluate(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, zeroshot: bool,
+                 diagnostics: bool = True, tags: Mapping[str, Any] | None = None
+                 ) -> dict[str, Any]:
+        """Accuracy, loss and sample count of the method's prediction on (x, y), then ``tags``
+        (e.g. the partition id), then the method's diagnostics: pACC on a participant
+        (``zeroshot=False``), zACC on a held-out client and gACC on the server (``zeroshot``)."""
+        model.eval()
+        with torch.inference_mode():
+            x_dev = x.to(self.device)
+            result = evaluate_logits(self.method.predictor(model, x_dev, zeroshot), x, y,
+                                     device=self.device)
+            extra = self.method.diagnostics(model, x_dev) if diagnostics else {}
+        return {"accuracy": result.accuracy, "loss": result.loss,
+                "num-examples": result.num_examples, **(tags or {}), **extra}
