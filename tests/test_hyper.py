@@ -10,7 +10,9 @@ from torch import nn
 
 from hfz_app.config import ModelSection, TrainSection
 from hfz_app.hyper import (
+    FlatChunkedHypernetwork,
     HyperFedZeroModel,
+    RowChunkedHypernetwork,
     balance_penalty,
     build_model,
     embed_usage,
@@ -264,6 +266,14 @@ def test_hyperfan_init_matches_target_variance(layout: str, target: str) -> None
         got, want = gen.weight.var().item(), own[f"{spec.name}.weight"].var().item()
         assert 0.5 < got / want < 2.0, (spec.name, got, want)
         assert abs(gen.weight.mean().item()) < 0.5 * want**0.5  # centred
+
+
+def test_chunk_layout_picks_the_hypernetwork_class() -> None:
+    assert isinstance(model().hyper, RowChunkedHypernetwork)
+    flat = model(chunk_layout="flat", chunk_size=512).hyper
+    assert isinstance(flat, FlatChunkedHypernetwork) and not hasattr(flat, "factorised")
+    with pytest.raises(ValueError, match=r"^model\.chunk_layout: expected row or flat, got 'x'$"):
+        model(chunk_layout="x")
 
 
 # -- generate selection --------------------------------------------------------------------------

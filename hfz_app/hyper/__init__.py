@@ -31,7 +31,12 @@ forward under ``torch.compile``. Measurements: docs/benchmarks/step_time.md.
 
 from hfz_app.hyper.diagnostics import embed_usage, embedding_spread, embedding_stats, mean_entropy
 from hfz_app.hyper.extractor import DistributionExtractor, NoisyEmbed
-from hfz_app.hyper.hypernet import ChunkedHypernetwork
+from hfz_app.hyper.hypernet import (
+    ChunkedHypernetwork,
+    FlatChunkedHypernetwork,
+    RowChunkedHypernetwork,
+    build_hypernetwork,
+)
 from hfz_app.hyper.layers import LayerSpec, select_generated
 from hfz_app.hyper.penalty import balance_penalty, entropy, hfz_loss, sharpness_penalty
 from hfz_app.hyper.wrapper import HFZOutput, HyperFedZeroModel, build_model
@@ -39,11 +44,14 @@ from hfz_app.hyper.wrapper import HFZOutput, HyperFedZeroModel, build_model
 __all__ = [
     "ChunkedHypernetwork",
     "DistributionExtractor",
+    "FlatChunkedHypernetwork",
     "HFZOutput",
     "HyperFedZeroModel",
     "LayerSpec",
     "NoisyEmbed",
+    "RowChunkedHypernetwork",
     "balance_penalty",
+    "build_hypernetwork",
     "build_model",
     "embed_usage",
     "embedding_spread",

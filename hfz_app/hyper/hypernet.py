@@ -5,14 +5,15 @@ The generated values are cut into ``K`` chunks, chunk ``k`` with a learnable emb
 linear, so it is applied to ``e`` and to ``c_k`` separately and the results are added: the cost is
 ``G*hidden + K*hidden`` instead of ``G*K*(d + chunk_embed_dim)*hidden``.
 
-Layouts:
+Layouts (``build_hypernetwork`` picks one; both share the base class ``ChunkedHypernetwork``):
 
-* ``row``: one chunk per output row of each generated tensor (one output unit of a Linear, one
-  output channel of a Conv2d, with its bias entry appended). Rows of different layers differ in
-  length, so each layer has its own output layer (as in pFedHN). This is what makes the
-  factorised forward possible.
-* ``flat`` (the paper's words): all generated values in parameter order, cut into ``chunk_size``
-  chunks, the last one padded and the padding truncated; one shared output layer.
+* ``row`` (``RowChunkedHypernetwork``): one chunk per output row of each generated tensor (one
+  output unit of a Linear, one output channel of a Conv2d, with its bias entry appended). Rows of
+  different layers differ in length, so each layer has its own output layer (as in pFedHN). This
+  is what makes the factorised forward possible.
+* ``flat`` (``FlatChunkedHypernetwork``, the paper's words): all generated values in parameter
+  order, cut into ``chunk_size`` chunks, the last one padded and the padding truncated; one shared
+  output layer.
 
 Initialisation. A naive init leaves deep targets untrainable, so the output layers are calibrated
 on a probe (embeddings ``softmax(N(0, I))`` and the actual chunk embeddings): first *centred*, the
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from abc import ABC, abstractmethod
 
 import torch
 from torch import Tensor, nn
@@ -36,61 +38,91 @@ from torch import Tensor, nn
 from hfz_app.hyper.layers import Factorised, LayerSpec, Materialised, row_hidden
 
 
-class ChunkedHypernetwork(nn.Module):
+def build_hypernetwork(
+    layout: str,
+    specs: list[LayerSpec],
+    embed_dim: int,
+    *,
+    hidden: tuple[int, ...] = (64,),
+    chunk_embed_dim: int = 8,
+    chunk_size: int = 256,
+    residual: bool = False,
+    probe_size: int = 64,
+    input_transform: str = "prob",
+) -> ChunkedHypernetwork:
+    """The hypernetwork for ``model.chunk_layout``; the one place that names the layouts."""
+    if layout == "row":
+        return RowChunkedHypernetwork(
+            specs,
+            embed_dim,
+            hidden=hidden,
+            chunk_embed_dim=chunk_embed_dim,
+            residual=residual,
+            probe_size=probe_size,
+            input_transform=input_transform,
+        )
+    if layout == "flat":
+        return FlatChunkedHypernetwork(
+            specs,
+            embed_dim,
+            hidden=hidden,
+            chunk_embed_dim=chunk_embed_dim,
+            chunk_size=chunk_size,
+            residual=residual,
+            probe_size=probe_size,
+            input_transform=input_transform,
+        )
+    raise ValueError(f"model.chunk_layout: expected row or flat, got {layout!r}")
+
+
+class ChunkedHypernetwork(nn.Module, ABC):
+    """What both layouts share: chunk embeddings and the hidden MLP up to the output layers.
+
+    A subclass registers its output layers after calling ``__init__`` here and then calls
+    ``_init_output_layers``, so parameters and random draws keep one fixed order.
+    """
+
     def __init__(
         self,
         specs: list[LayerSpec],
         embed_dim: int,
-        hidden: tuple[int, ...] = (64,),
-        chunk_embed_dim: int = 8,
-        layout: str = "row",
-        chunk_size: int = 256,
-        residual: bool = False,
-        probe_size: int = 64,
-        input_transform: str = "prob",
+        num_chunks: int,
+        hidden: tuple[int, ...],
+        chunk_embed_dim: int,
+        input_transform: str,
     ) -> None:
         super().__init__()
         if input_transform not in ("prob", "log"):
             raise ValueError(f"model.hyper_input: expected prob or log, got {input_transform!r}")
         self.input_transform = input_transform
-        if layout not in ("row", "flat"):
-            raise ValueError(f"model.chunk_layout: expected row or flat, got {layout!r}")
         if not specs:
             raise ValueError("model.generate: selects no parameter to generate")
-        self.specs, self.layout, self.chunk_size = list(specs), layout, chunk_size
+        self.specs = list(specs)
         self.num_values = sum(s.numel for s in specs)
-        if layout == "row":
-            num_chunks = sum(s.rows for s in specs)
-        else:
-            num_chunks = math.ceil(self.num_values / chunk_size)
         self.chunk_embeddings = nn.Parameter(torch.randn(num_chunks, chunk_embed_dim))
         self.embed_in = nn.Linear(embed_dim, hidden[0])
         self.chunk_in = nn.Linear(chunk_embed_dim, hidden[0], bias=False)
         self.hidden_layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(hidden))
-        if layout == "row":
-            self.heads = nn.ModuleList(nn.Linear(hidden[-1], s.row_len) for s in specs)
-        else:
-            self.head = nn.Linear(hidden[-1], chunk_size)
-            stds = []
-            for s in specs:
-                if s.gen_weight:
-                    stds.append(torch.full((s.rows * s.row_in,), s.weight_var**0.5))
-                if s.gen_bias:
-                    stds.append(torch.full((s.rows,), s.bias_var**0.5))
-            # With ``residual`` the shared head starts at zero and the generated term is learned
-            # from scratch; scaling it by the init std (~0.04 for a bias) would slow that learning
-            # by the std squared, so the flat layout then generates unscaled values, like ``row``.
-            scale = torch.ones(self.num_values) if residual else torch.cat(stds)
-            self.register_buffer("scale", scale)
-        self._init_output_layers(embed_dim, probe_size, residual)
 
     @property
     def num_chunks(self) -> int:
         return self.chunk_embeddings.shape[0]
 
+    @abstractmethod
     def output_layers(self) -> list[nn.Linear]:
         """The layers whose entries each move many generated values (own learning rate)."""
-        return list(self.heads) if self.layout == "row" else [self.head]
+
+    @abstractmethod
+    def materialise(self, e: Tensor) -> list[Materialised]:
+        """Generated weight/bias per layer, each with a leading weight-set dimension G."""
+
+    def layer_inputs(self, e: Tensor) -> list[Factorised | Materialised]:
+        """What each generated-layer proxy is given; materialised unless a layout can do better."""
+        return list(self.materialise(e))
+
+    @abstractmethod
+    def _calibrate_output_layers(self, hid: Tensor) -> None:
+        """Centre and scale the output layers on probe hidden activations ``hid`` [N, K, H]."""
 
     def _hidden_params(self) -> tuple[tuple[Tensor, Tensor], ...]:
         return tuple((layer.weight, layer.bias) for layer in self.hidden_layers)
@@ -108,6 +140,42 @@ class ChunkedHypernetwork(nn.Module):
         pre_c = self.chunk_in(self.chunk_embeddings)
         return row_hidden(self.embed_in(self.embed_input(e)), pre_c, self._hidden_params())
 
+    @torch.no_grad()
+    def _init_output_layers(self, embed_dim: int, probe_size: int, residual: bool) -> None:
+        """Centring + per-tensor variance calibration (see module doc); zeros with ``residual``."""
+        for layer in self.output_layers():
+            nn.init.zeros_(layer.bias)
+            if residual:
+                nn.init.zeros_(layer.weight)
+            else:
+                nn.init.normal_(layer.weight)
+        if residual:
+            return
+        probe = torch.softmax(torch.randn(probe_size, embed_dim), dim=-1)
+        self._calibrate_output_layers(self.hidden_acts(probe))
+
+
+class RowChunkedHypernetwork(ChunkedHypernetwork):
+    """One chunk per output row; an output layer per generated layer (rows differ in length)."""
+
+    def __init__(
+        self,
+        specs: list[LayerSpec],
+        embed_dim: int,
+        hidden: tuple[int, ...] = (64,),
+        chunk_embed_dim: int = 8,
+        residual: bool = False,
+        probe_size: int = 64,
+        input_transform: str = "prob",
+    ) -> None:
+        num_chunks = sum(s.rows for s in specs)
+        super().__init__(specs, embed_dim, num_chunks, hidden, chunk_embed_dim, input_transform)
+        self.heads = nn.ModuleList(nn.Linear(hidden[-1], s.row_len) for s in specs)
+        self._init_output_layers(embed_dim, probe_size, residual)
+
+    def output_layers(self) -> list[nn.Linear]:
+        return list(self.heads)
+
     def _row_parts(self, e: Tensor) -> tuple[Tensor, list[Tensor]]:
         """First-layer terms: embeddings [G, H1] and each layer's chunk embeddings [rows, H1].
 
@@ -118,19 +186,88 @@ class ChunkedHypernetwork(nn.Module):
         return self.embed_in(self.embed_input(e)), list(pre_c.split([s.rows for s in self.specs]))
 
     def materialise(self, e: Tensor) -> list[Materialised]:
-        """Generated weight/bias per layer, each with a leading weight-set dimension G."""
         g = e.shape[0]
         out: list[Materialised] = []
-        if self.layout == "row":
-            pre_e, pre_cs = self._row_parts(e)
-            hidden = self._hidden_params()
-            for s, pre_c, head in zip(self.specs, pre_cs, self.heads):
-                r = head(row_hidden(pre_e, pre_c, hidden))  # [G, rows, row_len]
-                w = r[..., : s.row_in].reshape(g, *s.weight_shape) if s.gen_weight else None
-                b = r[..., s.row_in] if s.gen_bias else None
-                out.append(Materialised(w, b))
-            return out
+        pre_e, pre_cs = self._row_parts(e)
+        hidden = self._hidden_params()
+        for s, pre_c, head in zip(self.specs, pre_cs, self.heads):
+            r = head(row_hidden(pre_e, pre_c, hidden))  # [G, rows, row_len]
+            w = r[..., : s.row_in].reshape(g, *s.weight_shape) if s.gen_weight else None
+            b = r[..., s.row_in] if s.gen_bias else None
+            out.append(Materialised(w, b))
+        return out
+
+    def layer_inputs(self, e: Tensor) -> list[Factorised | Materialised]:
+        """The factorised pieces: each proxy then picks the cheaper way to apply them."""
+        return self.factorised(e)
+
+    def factorised(self, e: Tensor) -> list[Factorised | Materialised]:
+        """Per layer: the pieces from which a proxy either runs the factorised forward or
+        materialises its rows. A layer whose weight is not generated gets its (cheap) generated
+        bias materialised here."""
+        pre_e, pre_cs = self._row_parts(e)
+        hidden = self._hidden_params()
+        out: list[Factorised | Materialised] = []
+        for s, pre_c, head in zip(self.specs, pre_cs, self.heads):
+            if s.gen_weight:
+                out.append(Factorised(pre_e, pre_c, hidden, head.weight, head.bias))
+            else:
+                out.append(Materialised(None, head(row_hidden(pre_e, pre_c, hidden))[..., 0]))
+        return out
+
+    def _calibrate_output_layers(self, hid: Tensor) -> None:
+        """Each head on its own rows: weight and bias entries to their target init variances."""
+        hids = hid.split([s.rows for s in self.specs], dim=1)
+        for s, head, h in zip(self.specs, self.heads, hids):
+            parts = []
+            if s.gen_weight:
+                parts.append((0, s.row_in, s.weight_var))
+            if s.gen_bias:
+                parts.append((s.row_in, s.row_len, s.bias_var))
+            _calibrate(head, h.reshape(-1, h.shape[-1]), parts)
+
+
+class FlatChunkedHypernetwork(ChunkedHypernetwork):
+    """All values in parameter order, cut into ``chunk_size`` chunks; one shared output layer.
+
+    Chunks cut across rows, so there is no factorised forward: proxies get materialised values.
+    """
+
+    def __init__(
+        self,
+        specs: list[LayerSpec],
+        embed_dim: int,
+        hidden: tuple[int, ...] = (64,),
+        chunk_embed_dim: int = 8,
+        chunk_size: int = 256,
+        residual: bool = False,
+        probe_size: int = 64,
+        input_transform: str = "prob",
+    ) -> None:
+        num_chunks = math.ceil(sum(s.numel for s in specs) / chunk_size)
+        super().__init__(specs, embed_dim, num_chunks, hidden, chunk_embed_dim, input_transform)
+        self.chunk_size = chunk_size
+        self.head = nn.Linear(hidden[-1], chunk_size)
+        stds = []
+        for s in specs:
+            if s.gen_weight:
+                stds.append(torch.full((s.rows * s.row_in,), s.weight_var**0.5))
+            if s.gen_bias:
+                stds.append(torch.full((s.rows,), s.bias_var**0.5))
+        # With ``residual`` the shared head starts at zero and the generated term is learned
+        # from scratch; scaling it by the init std (~0.04 for a bias) would slow that learning
+        # by the std squared, so the flat layout then generates unscaled values, like ``row``.
+        scale = torch.ones(self.num_values) if residual else torch.cat(stds)
+        self.register_buffer("scale", scale)
+        self._init_output_layers(embed_dim, probe_size, residual)
+
+    def output_layers(self) -> list[nn.Linear]:
+        return [self.head]
+
+    def materialise(self, e: Tensor) -> list[Materialised]:
+        g = e.shape[0]
         flat = self.head(self.hidden_acts(e)).reshape(g, -1)[:, : self.num_values] * self.scale
+        out: list[Materialised] = []
         pos = 0
         for s in self.specs:
             w = b = None
@@ -144,46 +281,9 @@ class ChunkedHypernetwork(nn.Module):
             out.append(Materialised(w, b))
         return out
 
-    def factorised(self, e: Tensor) -> list[Factorised | Materialised]:
-        """Per layer: the pieces from which a proxy either runs the factorised forward or
-        materialises its rows (row layout only). A layer whose weight is not generated gets its
-        (cheap) generated bias materialised here."""
-        if self.layout != "row":
-            raise ValueError("the factorised forward needs chunk_layout 'row'")
-        pre_e, pre_cs = self._row_parts(e)
-        hidden = self._hidden_params()
-        out: list[Factorised | Materialised] = []
-        for s, pre_c, head in zip(self.specs, pre_cs, self.heads):
-            if s.gen_weight:
-                out.append(Factorised(pre_e, pre_c, hidden, head.weight, head.bias))
-            else:
-                out.append(Materialised(None, head(row_hidden(pre_e, pre_c, hidden))[..., 0]))
-        return out
-
-    @torch.no_grad()
-    def _init_output_layers(self, embed_dim: int, probe_size: int, residual: bool) -> None:
-        """Centring + per-tensor variance calibration (see module doc); zeros with ``residual``."""
-        for layer in self.output_layers():
-            nn.init.zeros_(layer.bias)
-            if residual:
-                nn.init.zeros_(layer.weight)
-            else:
-                nn.init.normal_(layer.weight)
-        if residual:
-            return
-        probe = torch.softmax(torch.randn(probe_size, embed_dim), dim=-1)
-        hid = self.hidden_acts(probe)
-        if self.layout == "flat":
-            _calibrate(self.head, hid.reshape(-1, hid.shape[-1]), [(0, self.chunk_size, 1.0)])
-            return
-        hids = hid.split([s.rows for s in self.specs], dim=1)
-        for s, head, h in zip(self.specs, self.heads, hids):
-            parts = []
-            if s.gen_weight:
-                parts.append((0, s.row_in, s.weight_var))
-            if s.gen_bias:
-                parts.append((s.row_in, s.row_len, s.bias_var))
-            _calibrate(head, h.reshape(-1, h.shape[-1]), parts)
+    def _calibrate_output_layers(self, hid: Tensor) -> None:
+        """The shared head to unit variance; the ``scale`` buffer carries each tensor's std."""
+        _calibrate(self.head, hid.reshape(-1, hid.shape[-1]), [(0, self.chunk_size, 1.0)])
 
 
 def _calibrate(layer: nn.Linear, hid: Tensor, parts: list[tuple[int, int, float]]) -> None:

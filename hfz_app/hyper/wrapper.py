@@ -27,7 +27,7 @@ from torch.nn import functional as F
 
 from hfz_app.config import ModelSection, TrainSection
 from hfz_app.hyper.extractor import DistributionExtractor, NoisyEmbed
-from hfz_app.hyper.hypernet import ChunkedHypernetwork
+from hfz_app.hyper.hypernet import ChunkedHypernetwork, build_hypernetwork
 from hfz_app.hyper.layers import (
     EmbedConcatLinear,
     GeneratedConv2d,
@@ -111,14 +111,14 @@ class HyperFedZeroModel(nn.Module):
                 proxy = cls(s, layer, cfg.residual)
                 _set_submodule(self.target, s.name, proxy)
                 self._proxies.append(proxy)
-            self.hyper = ChunkedHypernetwork(
+            self.hyper = build_hypernetwork(
+                cfg.chunk_layout,
                 specs,
                 cfg.embed_dim,
-                cfg.hidden_widths(),
-                cfg.chunk_embed_dim,
-                cfg.chunk_layout,
-                cfg.chunk_size,
-                cfg.residual,
+                hidden=cfg.hidden_widths(),
+                chunk_embed_dim=cfg.chunk_embed_dim,
+                chunk_size=cfg.chunk_size,
+                residual=cfg.residual,
                 input_transform=cfg.hyper_input,
             )
         else:
@@ -188,10 +188,8 @@ class HyperFedZeroModel(nn.Module):
     def _apply_target(self, x: Tensor, e_gen: Tensor) -> Tensor:
         if self.hyper is None:
             gens: list[Any] = [e_gen]
-        elif self.hyper.layout == "row":
-            gens = self.hyper.factorised(e_gen)
         else:
-            gens = self.hyper.materialise(e_gen)
+            gens = self.hyper.layer_inputs(e_gen)
         for proxy, gen in zip(self._proxies, gens):
             proxy.gen = gen
         try:
