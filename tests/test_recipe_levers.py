@@ -10,7 +10,7 @@ import torch
 
 from hfz_app.config import ModelSection
 from hfz_app.hyper import build_model
-from hfz_app.hyper.hypernet import ChunkedHypernetwork
+from hfz_app.hyper.hypernet import FlatChunkedHypernetwork
 from hfz_app.training import batch_indices
 
 MNIST = (1, 28, 28)
@@ -59,8 +59,8 @@ def test_flat_residual_head_generates_unscaled_values() -> None:
     spec_model = build_model(dataclasses.replace(ModelSection(), generate="classifier.bias"),
                              MNIST, 10)
     specs = spec_model.hyper.specs
-    residual = ChunkedHypernetwork(specs, 10, (8,), layout="flat", chunk_size=10, residual=True)
-    scratch = ChunkedHypernetwork(specs, 10, (8,), layout="flat", chunk_size=10, residual=False)
+    residual = FlatChunkedHypernetwork(specs, 10, (8,), chunk_size=10, residual=True)
+    scratch = FlatChunkedHypernetwork(specs, 10, (8,), chunk_size=10, residual=False)
     assert torch.equal(residual.scale, torch.ones(10))
     assert float(scratch.scale[0]) == pytest.approx(specs[0].bias_var ** 0.5)
 

@@ -303,10 +303,14 @@ DP_NOISE = RESUME_SETTINGS | {"privacy.dp": "server", "privacy.noise_multiplier"
                               "privacy.clipping_norm": 0.5}
 
 
+FEDPROX = RESUME_SETTINGS | {"run.method": "fedprox"}  # Flower's FedProx hook over FedAvgM
+
+
 @pytest.mark.parametrize(("settings", "state_key"), [(RESUME_SETTINGS, "velocity"),
                                                      (FEDADAM, "fedadam_v"),
+                                                     (FEDPROX, "velocity"),
                                                      (DP_NOISE, "velocity")],
-                         ids=["fedavgm", "fedadam", "dp-noise"])
+                         ids=["fedavgm", "fedadam", "fedprox", "dp-noise"])
 def test_resume_after_a_server_restart_matches_an_uninterrupted_run(
         tmp_path: Path, settings: dict, state_key: str) -> None:
     straight = run_tiny(tmp_path / "straight", **settings)
