@@ -61,7 +61,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 bench: setup
-	$(PY) benchmarks/step_time.py
+	$(PY) -m benchmarks.step_time
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
@@ -79,5 +79,5 @@ SEEDS ?= 0,1,2
 SWEEP_ARGS ?=
 .PHONY: sweep
 sweep: setup
-	nice $(PY) benchmarks/sweep.py --sweep $(SWEEP) --seeds $(SEEDS) --resume $(SWEEP_ARGS)
-	$(PY) benchmarks/report.py
+	nice $(PY) -m benchmarks.sweep --sweep $(SWEEP) --seeds $(SEEDS) --resume $(SWEEP_ARGS)
+	$(PY) -m benchmarks.report

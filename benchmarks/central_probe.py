@@ -4,9 +4,9 @@ Trains one HyperFedZero model on all participants' data pooled together (no fede
 ``steps`` SGD steps, then scores the held-out clients with each client's pooled embedding, with
 ``e`` uniform, and the uniform-``e`` logits corrected by the true or the pooled-``e`` label prior.
 Seconds per run, so levers can be screened before a federated sweep. Starts from the plain
-settings of ``benchmarks/recipe.py`` (``PLAIN``); ``key=value`` arguments override them:
+settings of ``benchmarks.recipe`` (``PLAIN``); ``key=value`` arguments override them:
 
-    python benchmarks/central_probe.py model.granularity='"client"' model.anchor='"labels"' \
+    python -m benchmarks.central_probe model.granularity='"client"' model.anchor='"labels"' \
         model.embed_dim=10 model.generate='"classifier.bias"' train.prior_alpha=1.0 \
         model.hyper_input='"log"' model.chunk_layout='"flat"' model.chunk_size=10 \
         train.hyper_output_lr_scale=1.0 steps=1500
@@ -16,27 +16,21 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from recipe import PLAIN
-
-from hfz_app.config import load_config
+from benchmarks.harness import accuracy
+from benchmarks.recipe import PLAIN
+from hfz_app.config import load_config, parse_overrides
 from hfz_app.data import build_federation
 from hfz_app.hyper import build_model
-from hfz_app.config import parse_overrides
 from hfz_app.training import batch_indices, make_optimizer
 
 
-def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
-    return float((logits.argmax(1) == y).float().mean())
-
-
 def main() -> None:
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(__doc__)
+        return
     torch.set_num_threads(1)
     overrides = parse_overrides(sys.argv[1:])
     steps = int(overrides.pop("steps", 1500))

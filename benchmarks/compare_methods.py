@@ -1,6 +1,6 @@
 """Methods side by side through the real ServerApp/ClientApp (in-process Grid, same data/seeds).
 
-    python benchmarks/compare_methods.py --preset mnist_mlp --methods hyperfedzero,fedavg \
+    python -m benchmarks.compare_methods --preset mnist_mlp --methods hyperfedzero,fedavg \
         --seeds 0 -c run.rounds=10 --variant "sgd-m0.9=" --variant "sgd-m0=train.momentum=0" \
         --out docs/compare_lr.md
 
@@ -11,44 +11,25 @@ and writes a table of the last round's zACC / gACC / pACC (mean +- std over seed
 from __future__ import annotations
 
 import argparse
-import contextlib
-import csv
-import io
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from client_app import app as client_app
-from hfz_app.config import load_config
-from hfz_app.federation.inprocess import full_run_config, run_inprocess, simulation_node_configs
+from benchmarks.harness import Table, command_line, parse_variants, run_training
 from hfz_app.config import parse_overrides
-from server_app import app as server_app
 
 METRICS = ("zacc_weighted", "gacc", "pacc_weighted")
 
 
 def run_once(preset: str, overrides: dict, out_root: str) -> tuple[dict, float]:
-    cfg = load_config(preset, overrides)
-    overrides = {**overrides, "run.output_dir": out_root}
-    run_config = full_run_config(overrides, preset=preset)
-    start = time.perf_counter()
-    with contextlib.redirect_stdout(io.StringIO()):
-        run_inprocess(server_app, client_app, run_config,
-                      simulation_node_configs(cfg.data.num_participants + cfg.data.num_heldout))
-    wall = time.perf_counter() - start
-    runs = sorted(Path(out_root).glob(f"{cfg.run.name}*/metrics.csv"),
-                  key=lambda p: p.stat().st_mtime)
-    with runs[-1].open() as f:
-        rows = list(csv.DictReader(f))
+    run = run_training(preset, {**overrides, "run.output_dir": out_root}, "inprocess")
+    rows = run.rows
     metrics = {k: float(rows[-1][k]) for k in (*METRICS, "bytes_sent_per_client")}
     # zACC after each evaluated round, for tables that compare methods at fewer rounds too.
     metrics |= {f"zacc@{int(r['round'])}": float(r["zacc_weighted"]) for r in rows
                 if r.get("zacc_weighted") not in (None, "")}
-    return metrics, wall
+    return metrics, run.wall_s
 
 
 def run_seeds(preset: str, overrides: dict, seeds: list[int], out_root: str,
@@ -86,16 +67,9 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="keep every run's outputs under this folder")
     args = parser.parse_args()
     common = parse_overrides(args.c)
-    variants = {"default": {}}
-    if args.variant:
-        variants = {}
-        for spec in args.variant:
-            name, _, rest = spec.partition("=")
-            variants[name] = parse_overrides([p for p in rest.split(",") if p])
-    header = ("| variant | method | zACC | gACC | pACC | MB sent/client/round | wall s/run |\n"
-              "|---|---|---|---|---|---|---|")
-    lines = [header]
-    print(header, flush=True)
+    variants = parse_variants(args.variant, default="default")
+    table = Table("| variant | method | zACC | gACC | pACC | MB sent/client/round | wall s/run |\n"
+                  "|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         out_root = str(args.keep) if args.keep else tmp
         for name, extra in variants.items():
@@ -103,13 +77,9 @@ def main() -> None:
                 cells, sent, wall = run_seeds(
                     args.preset, {**common, **extra, "run.method": method},
                     [int(s) for s in args.seeds.split(",")], out_root, f"{name}-{method}")
-                line = f"| {name} | {method} | {cells} | {sent / 1e6:.2f} | {wall:.0f} |"
-                lines.append(line)
-                print(line, flush=True)
+                table.add(f"| {name} | {method} | {cells} | {sent / 1e6:.2f} | {wall:.0f} |")
     if args.out:
-        command = "python benchmarks/compare_methods.py " + " ".join(sys.argv[1:])
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(f"`{command}`\n\n" + "\n".join(lines) + "\n")
+        table.write(args.out, command_line("compare_methods", sys.argv[1:]))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """What each method costs a client: bytes per round, peak memory and time of one local round,
 parameters shared and kept personal. Writes docs/benchmarks/cost_table.md.
 
-    python benchmarks/cost_table.py                       # mnist_mlp, the six methods
-    python benchmarks/cost_table.py --methods fedavg,hyperfedzero --out /tmp/cost.md
+    python -m benchmarks.cost_table                       # mnist_mlp, the six methods
+    python -m benchmarks.cost_table --methods fedavg,hyperfedzero --out /tmp/cost.md
 
 One fresh process per method, so that memory peaks never mix:
 
@@ -13,7 +13,7 @@ One fresh process per method, so that memory peaks never mix:
    it is the round's extra memory (model, optimiser state, activations, gradients). Its wall time
    is measured too (one call: noisy on a shared machine).
 2. **bytes per client per round**: a 1-round in-process run through the real ServerApp/ClientApp
-   (the strategy counts the train message's arrays each way: ``bytes_sent_per_client``, server ->
+   (``benchmarks.harness.run_training``; the strategy counts the train message's arrays each way: ``bytes_sent_per_client``, server ->
    participant; ``bytes_received_per_client``, participant -> server; evaluation messages, which
    carry the same shared arrays to each evaluated node, are not counted there).
 3. **parameters**: the model's state-dict entries the method shares (averaged by the server) and
@@ -28,21 +28,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import csv
 import ctypes
 import gc
-import io
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchmarks.harness import ROOT, child_result, machine, run_process, run_training, written_by
+
 METHODS = ("fedavg", "fedprox", "ditto", "pfedme", "fedjets", "hyperfedzero")
 STEP_TIME = ROOT / "docs" / "benchmarks" / "step_time.md"
 
@@ -65,7 +62,6 @@ def reset_peak() -> bool:
 
 def child(spec: dict[str, Any]) -> None:
     """One method, in a fresh process: memory and time of one local round, then the bytes run."""
-    sys.path.insert(0, str(ROOT))
     import torch
 
     from hfz_app.config import load_config
@@ -111,18 +107,10 @@ def child(spec: dict[str, Any]) -> None:
     walls = [first] + [one_round(copy.deepcopy(model))[2] for _ in range(spec["repeats"] - 1)]
     out["local_round_s"] = statistics.median(walls)
 
-    from client_app import app as client_app
-    from hfz_app.federation.inprocess import full_run_config, run_inprocess, simulation_node_configs
-    from server_app import app as server_app
-
     with tempfile.TemporaryDirectory() as tmp:
-        run = overrides | {"run.output_dir": tmp, "run.name": "cost"}
-        with contextlib.redirect_stdout(io.StringIO()):
-            run_inprocess(server_app, client_app, full_run_config(run, preset=preset),
-                          simulation_node_configs(cfg.data.num_participants
-                                                  + cfg.data.num_heldout))
-        with (Path(tmp) / "cost" / "metrics.csv").open() as f:
-            last = list(csv.DictReader(f))[-1]
+        run = run_training(preset, overrides | {"run.output_dir": tmp, "run.name": "cost"},
+                           "inprocess")
+        last = run.rows[-1]
     for key in ("bytes_sent_per_client", "bytes_received_per_client"):
         out[key] = float(last[key])
     print("CHILD " + json.dumps(out), flush=True)
@@ -133,19 +121,17 @@ def measure(method: str, preset: str, rounds: int, extra: dict[str, Any],
     overrides = {"run.method": method, "run.rounds": rounds, "train.torch_threads": 1, **extra}
     spec = json.dumps({"preset": preset, "overrides": overrides, "repeats": repeats,
                        "partition": partition})
-    proc = subprocess.run([sys.executable, __file__, "--child", spec], cwd=ROOT, text=True,
-                          capture_output=True, env=dict(os.environ, PYTHONUNBUFFERED="1"),
-                          check=False)
-    for line in proc.stdout.splitlines():
-        if line.startswith("CHILD "):
-            return json.loads(line[len("CHILD "):])
-    raise SystemExit(f"error: {method}: exit {proc.returncode}\n{proc.stderr[-3000:]}")
+    rc, output, _, _ = run_process([sys.executable, "-m", "benchmarks.cost_table", "--child", spec])
+    result = child_result(output)
+    if result is None:
+        raise SystemExit(f"error: {method}: exit {rc}\n{output[-3000:]}")
+    return result
 
 
 def step_time_quote(path: Path = STEP_TIME, target: str = "mlp") -> list[str]:
     """The ratio rows of step_time.md's table for ``target`` (``## mlp 1x28x28``)."""
     if not path.exists():
-        return [f"({path.relative_to(ROOT)} not found: run `python benchmarks/step_time.py`)"]
+        return [f"({path.relative_to(ROOT)} not found: run `python -m benchmarks.step_time`)"]
     lines = path.read_text().splitlines()
     out, inside = [], False
     for line in lines:
@@ -177,12 +163,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         child(json.loads(args.child))
         return 0
-    sys.path.insert(0, str(ROOT))
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import shlex
-
-    from sweep import machine
-
     from hfz_app.config import parse_overrides
 
     extra = parse_overrides(args.c)
@@ -196,13 +176,10 @@ def main(argv: list[str] | None = None) -> int:
               f"| local round {r['local_round_s']:.3f} s (cold {r['cold_round_s']:.2f} s)",
               flush=True)
     base = results.get("fedavg")
-    command = shlex.join(["python", "benchmarks/cost_table.py", *(argv if argv is not None
-                                                                   else sys.argv[1:])])
     first = next(iter(results.values()))
     lines = [
         "# Cost per client: bytes, memory, parameters", "",
-        "Written by `benchmarks/cost_table.py`; do not edit by hand.", "",
-        f"Command: `{command}`", "",
+        *written_by("cost_table", argv if argv is not None else sys.argv[1:], quote=True),
         f"Machine: {machine()}. Preset `{args.preset}`"
         + (", " + ", ".join(f"`{k}={v}`" for k, v in extra.items()) if extra else "")
         + f", `train.torch_threads=1`; participant {args.partition} ({first['train_samples']} "
@@ -239,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     quote = step_time_quote()
     lines += ["", ("Training-step time of HyperFedZero's variants against the plain MLP (batch 64, "
               "forward + backward + step), quoted from "
-              "[step_time.md](step_time.md) (`python benchmarks/step_time.py`; per-sample "
+              "[step_time.md](step_time.md) (`python -m benchmarks.step_time`; per-sample "
               "variants there, the presets' recipe generates only the head from a pooled "
               "embedding):"), ""]
     if quote and quote[0].startswith("|"):

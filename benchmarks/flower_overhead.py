@@ -1,12 +1,12 @@
 """Flower's overhead: `flwr run` (hfz_app.launch, as `make run`) against the same training run
 in-process (the real ServerApp/ClientApp on hfz_app.federation.inprocess's Grid), side by side.
 
-    python benchmarks/flower_overhead.py                      # mnist_mlp, 20 rounds, 2 repeats
-    python benchmarks/flower_overhead.py --rounds 2 --repeats 1 --out /tmp/overhead.md
+    python -m benchmarks.flower_overhead                      # mnist_mlp, 20 rounds, 2 repeats
+    python -m benchmarks.flower_overhead --rounds 2 --repeats 1 --out /tmp/overhead.md
 
-Both run in a fresh process each time, with the same preset, seed, rounds and settings, and the
-repeats interleave (in-process, flwr, then flwr, in-process, ...) so that other jobs on the
-machine weigh on both alike. Reported per method: the whole process's wall time (what a user
+Both run in a fresh process each time (``benchmarks.harness.run_training``'s two modes), with
+the same preset, seed, rounds and settings, and the repeats interleave (in-process, flwr, then
+flwr, in-process, ...) so that other jobs on the machine weigh on both alike. Reported per method: the whole process's wall time (what a user
 waits), the training part (``elapsed_s`` of the last ``metrics.csv`` row: from the ServerApp's
 first round to its last) and the mean round time, each as flwr / in-process; the rest is start-up
 and teardown. Both runs of a seed must give the same metrics (every column of ``metrics.csv``
@@ -16,20 +16,16 @@ but the timing ones); the script checks and says. Writes docs/benchmarks/flower_
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import os
 import re
-import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchmarks.harness import ROOT, machine, run_training, written_by
+
 TIMING = ("elapsed_s", "round_time_s")
 TARGET = 1.2  # issue 8: overhead <= 1.2x on a 20-round MNIST run
 MARKERS = {  # launch output lines -> a timeline of one flwr run (as the launcher saw them)
@@ -41,75 +37,26 @@ MARKERS = {  # launch output lines -> a timeline of one flwr run (as the launche
 }
 
 
-def child(spec: dict[str, Any]) -> None:
-    """In-process run (called in a fresh process): the real apps on an in-process Grid."""
-    t0 = time.perf_counter()
-    sys.path.insert(0, str(ROOT))
-    import contextlib
-    import io
-
-    from client_app import app as client_app
-    from hfz_app.config import load_config
-    from hfz_app.federation.inprocess import full_run_config, run_inprocess, simulation_node_configs
-    from server_app import app as server_app
-
-    t_import = time.perf_counter()
-    cfg = load_config(spec["preset"], spec["overrides"])
-    run_config = full_run_config(spec["overrides"], preset=spec["preset"])
-    with contextlib.redirect_stdout(io.StringIO()):
-        run_inprocess(server_app, client_app, run_config,
-                      simulation_node_configs(cfg.data.num_participants + cfg.data.num_heldout))
-    t_end = time.perf_counter()
-    print("CHILD " + json.dumps({"import_s": t_import - t0, "run_s": t_end - t_import}),
-          flush=True)
-
-
-def read_metrics(path: Path) -> list[dict[str, str]]:
-    with path.open() as f:
-        return list(csv.DictReader(f))
-
-
 def run_mode(mode: str, preset: str, overrides: dict[str, Any], out_dir: Path, name: str,
              cpus_per_client: int) -> dict[str, Any]:
     """One run in a fresh process; its wall time, timeline and metrics rows."""
-    sys.path.insert(0, str(ROOT))
-    from hfz_app.launch import toml_value
-
     overrides = overrides | {"run.name": name, "run.output_dir": str(out_dir)}
-    if mode == "inprocess":
-        cmd = [sys.executable, __file__, "--child", json.dumps({"preset": preset,
-                                                                "overrides": overrides})]
-    else:
-        cmd = [sys.executable, "-m", "hfz_app.launch", "--preset", preset,
-               "--cpus-per-client", str(cpus_per_client)]
-        for key, value in overrides.items():
-            cmd += ["-c", f"{key}={toml_value(value)}"]
-    env = dict(os.environ, FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", PYTHONUNBUFFERED="1")
     rounds = overrides["run.rounds"]
     markers = dict(MARKERS, last_round=re.compile(rf"^\[round +{rounds}/"))
     seen: dict[str, float] = {}
-    lines = []
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, bufsize=1)
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        now = time.perf_counter() - start
-        lines.append(line)
+
+    def mark(now: float, line: str) -> None:
         for key, pattern in markers.items():
             if key not in seen and pattern.search(line):
                 seen[key] = now
-    proc.wait()
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        tail = "".join(lines[-20:])
-        raise SystemExit(f"error: {mode} run {name} exited {proc.returncode}:\n{tail}")
-    result: dict[str, Any] = {"mode": mode, "wall_s": wall, "timeline": seen,
-                              "rows": read_metrics(out_dir / name / "metrics.csv")}
-    for line in lines:
-        if line.startswith("CHILD "):
-            result |= json.loads(line[len("CHILD "):])
-    return result
+
+    launch_args = ["--cpus-per-client", str(cpus_per_client)] if mode == "flwr" else []
+    run = run_training(preset, overrides, mode, fresh_process=True, launch_args=launch_args,
+                       on_line=mark)
+    if run.rc != 0 or not run.rows:
+        tail = "".join(run.output.splitlines(keepends=True)[-20:])
+        raise SystemExit(f"error: {mode} run {name} exited {run.rc}:\n{tail}")
+    return {"mode": mode, "wall_s": run.wall_s, "timeline": seen, "rows": run.rows} | run.child
 
 
 def training_s(run: dict[str, Any]) -> float:
@@ -141,13 +88,6 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def machine_line() -> str:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from sweep import machine
-
-    return machine()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="mnist_mlp")
@@ -161,12 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="override for both runs")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" /
                         "flower_overhead.md")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.child:
-        child(json.loads(args.child))
-        return 0
-    sys.path.insert(0, str(ROOT))
     from hfz_app.config import parse_overrides
 
     extra = parse_overrides(args.c)
@@ -198,13 +133,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(args: argparse.Namespace, runs: dict[str, dict[str, list[dict[str, Any]]]],
            load_before: tuple[float, ...], load_after: tuple[float, ...]) -> str:
-    command = shlex.join(["python", "benchmarks/flower_overhead.py", *sys.argv[1:]])
     parallel = max(1, (os.cpu_count() or 1) // args.cpus_per_client)
     lines = [
         "# Flower's overhead: `flwr run` against the same training in-process", "",
-        "Written by `benchmarks/flower_overhead.py`; do not edit by hand.", "",
-        f"Command: `{command}`", "",
-        (f"Machine: {machine_line()}. Load average before / after: "
+        *written_by("flower_overhead", sys.argv[1:], quote=True),
+        (f"Machine: {machine()}. Load average before / after: "
         f"{' '.join(f'{v:.2f}' for v in load_before)} / "
         f"{' '.join(f'{v:.2f}' for v in load_after)} (above ~2, other jobs shared the cores)."), "",
         (f"Preset `{args.preset}`, {args.rounds} rounds, seed {args.seed}, "

@@ -1,7 +1,7 @@
 """zACC against the held-out clients' label skew, without retraining.
 
-    python benchmarks/heldout_alpha.py            # after: python benchmarks/sweep.py --sweep mnist \
-                                                  #     --seeds 0,1,2 --keep-checkpoints
+    python -m benchmarks.heldout_alpha    # after: python -m benchmarks.sweep --sweep mnist \
+                                          #     --seeds 0,1,2 --keep-checkpoints
 
 The held-out clients' Dirichlet alpha (``data.alpha_dir_heldout``) changes only how the held-out
 pool is split: the participants' data, hence the trained shared arrays, do not depend on it (the
@@ -12,7 +12,7 @@ sweep's FedAvg / HyperFedZero / control once per alpha, this script takes their 
 with each alpha. At the training alpha (0.3) it must reproduce the sweep's recorded zACC: checked.
 
 Writes the records of the `heldout_alpha` table (benchmarks/results/heldout_alpha.jsonl) for
-``benchmarks/report.py``, which plots zACC against alpha.
+``benchmarks.report``, which plots zACC against alpha.
 """
 
 from __future__ import annotations
@@ -25,18 +25,13 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from sweep import HELDOUT_ALPHAS, SWEEPS, append_record, git_commit, machine, read_results
-
+from benchmarks.harness import ROOT, command_line, git_commit, machine
+from benchmarks.sweep import HELDOUT_ALPHAS, SWEEPS, append_record, read_results
 from hfz_app.checkpoint import load_checkpoint
 from hfz_app.data import build_federation
-from hfz_app.zeroshot.frozen import build_frozen_model, config_from_dict, frozen_metrics
 
 TRAINED_CELLS = ("fedavg", "hyperfedzero", "control")  # cells of the `mnist` sweep
-COMMAND = "python benchmarks/heldout_alpha.py"
+COMMAND = command_line("heldout_alpha", [])
 
 
 def latest_checkpoint(run_dir: Path) -> Path:
@@ -50,6 +45,8 @@ def latest_checkpoint(run_dir: Path) -> Path:
 @torch.no_grad()
 def heldout_zacc(checkpoint: Path, alpha: float) -> tuple[float, float]:
     """Weighted zACC over the held-out clients drawn with ``alpha``, and its std across them."""
+    from hfz_app.zeroshot.frozen import build_frozen_model, config_from_dict, frozen_metrics
+
     ckpt = load_checkpoint(checkpoint)
     cfg = config_from_dict(ckpt.config, {"data.alpha_dir_heldout": alpha})
     fed = build_federation(cfg.data, cfg.run.seed)  # cached per (data, seed): methods share it

@@ -5,36 +5,23 @@ script bounds that gain on a trained FedAvg checkpoint: zACC of the global model
 logits adjusted by the *true* prior of each held-out client (oracle), and by a prior estimated from
 the client's unlabelled inputs with EM (Saerens et al. 2002) -- what a label-free method can know.
 
-    python benchmarks/compare_methods.py --preset mnist_mlp --methods fedavg --seeds 0 \
+    python -m benchmarks.compare_methods --preset mnist_mlp --methods fedavg --seeds 0 \
         -c run.rounds=20 -c server.server_momentum=0 --keep outputs/ceiling
-    python benchmarks/prior_ceiling.py \
+    python -m benchmarks.prior_ceiling \
         --checkpoint outputs/ceiling/default-fedavg-s0/checkpoints/round_0020.pt
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
+from benchmarks.harness import accuracy, em_prior
 from hfz_app.checkpoint import load_checkpoint
 from hfz_app.config import flatten, load_config
 from hfz_app.data import build_federation
 from hfz_app.methods import get_method
-
-
-def em_prior(probs: torch.Tensor, train_prior: torch.Tensor, iters: int = 100) -> torch.Tensor:
-    """Saerens et al.: re-estimate the test prior from posteriors computed under the train prior."""
-    prior = train_prior.clone()
-    for _ in range(iters):
-        adjusted = probs * (prior / train_prior)
-        adjusted = adjusted / adjusted.sum(1, keepdim=True)
-        prior = adjusted.mean(0)
-    return prior
 
 
 def main() -> None:
@@ -64,7 +51,7 @@ def main() -> None:
         accs = []
         for prior in (train_prior, true_prior, est):
             adjusted = logits + (prior.clamp_min(1e-6) / train_prior).log()
-            accs.append(float((adjusted.argmax(1) == c.test_y).float().mean()))
+            accs.append(accuracy(adjusted, c.test_y))
         rows.append((pid, len(c.test_y), *accs))
         totals += torch.tensor(accs) * len(c.test_y)
         n_total += len(c.test_y)

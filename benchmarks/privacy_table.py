@@ -1,11 +1,11 @@
 """zACC / gACC / pACC under central DP (Flower's fixed-clipping wrappers), per noise multiplier.
 
-    nice python benchmarks/privacy_table.py --preset mnist_mlp --methods hyperfedzero,fedavg \
+    nice python -m benchmarks.privacy_table --preset mnist_mlp --methods hyperfedzero,fedavg \
         --noise 0,0.03,0.1,0.3 --clip 1.0 -c run.rounds=10 -c train.torch_threads=1 \
         --out docs/privacy_table.md
 
 Every run goes through the real ServerApp/ClientApp (in-process Grid, as
-``benchmarks/compare_methods.py``). For each method: one run without any wrapper, then one run
+``benchmarks.compare_methods``). For each method: one run without any wrapper, then one run
 per noise multiplier with ``privacy.dp`` (default ``server``) and the given clipping norm. Epsilon
 is the accountant's value after the last round at ``privacy.delta`` (``inf`` without noise).
 """
@@ -17,14 +17,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from compare_methods import run_seeds
-
-from hfz_app.config import load_config
+from benchmarks.compare_methods import run_seeds
+from benchmarks.harness import Table, command_line
+from hfz_app.config import load_config, parse_overrides
 from hfz_app.federation.privacy import planned_epsilon
-from hfz_app.config import parse_overrides
 
 
 def main() -> None:
@@ -45,10 +41,8 @@ def main() -> None:
         settings.append((f"sigma {sigma:g}", {
             "privacy.dp": args.dp, "privacy.noise_multiplier": sigma,
             "privacy.clipping_norm": args.clip}))
-    header = ("| method | DP | epsilon | zACC | gACC | pACC | wall s/run |\n"
-              "|---|---|---|---|---|---|---|")
-    lines = [header]
-    print(header, flush=True)
+    table = Table("| method | DP | epsilon | zACC | gACC | pACC | wall s/run |\n"
+                  "|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods.split(","):
             for label, extra in settings:
@@ -59,13 +53,9 @@ def main() -> None:
                 cfg = load_config(args.preset, {**common, **extra})
                 eps = "-" if not extra else f"{planned_epsilon(cfg):.3g}"
                 dp = "none" if not extra else f"{args.dp}, C={args.clip:g}, {label}"
-                line = f"| {method} | {dp} | {eps} | {cells} | {wall:.0f} |"
-                lines.append(line)
-                print(line, flush=True)
+                table.add(f"| {method} | {dp} | {eps} | {cells} | {wall:.0f} |")
     if args.out:
-        command = "python benchmarks/privacy_table.py " + " ".join(sys.argv[1:])
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(f"`{command}`\n\n" + "\n".join(lines) + "\n")
+        table.write(args.out, command_line("privacy_table", sys.argv[1:]))
 
 
 if __name__ == "__main__":

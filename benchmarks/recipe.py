@@ -1,7 +1,7 @@
 """Issue 12's lever table: every recipe lever on and off, with its no-conditioning control.
 
-    python benchmarks/recipe.py --seeds 0,1,2 --rows core,flat --out docs/RECIPE_table.md
-    python benchmarks/recipe.py --preset fashion_mnist_lenet_s --rows core --seeds 0 --out ...
+    python -m benchmarks.recipe --seeds 0,1,2 --rows core,flat --out docs/RECIPE_table.md
+    python -m benchmarks.recipe --preset fashion_mnist_lenet_s --rows core --seeds 0 --out ...
 
 Every row runs through the real ServerApp/ClientApp (in-process Grid) with the same data split,
 rounds, local epochs and batch size; rows differ only in the overrides shown. The table is
@@ -16,9 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from compare_methods import run_seeds
+from benchmarks.compare_methods import run_seeds
+from benchmarks.harness import Table, command_line
 
 # The recipe: a label-anchored extractor (dimension k = class k), its embedding pooled over the
 # client's unlabelled inputs (over the local batch in training), label-prior batches so that the
@@ -134,26 +133,21 @@ def main() -> None:
     extra = parse_overrides([p for p in args.extra.split(",") if p])
     seeds = [int(s) for s in args.seeds.split(",")]
     at_rounds = tuple(int(r) for r in args.zacc_at.split(",") if r)
-    command = "python benchmarks/recipe.py " + " ".join(sys.argv[1:])
-    lines = [f"`{command}`", "",
-             f"preset `{args.preset}`, {args.rounds} rounds, seeds {args.seeds} (mean +- std)", "",
-             "| group | row | zACC | gACC | pACC | "
-             + "".join(f"zACC@{r} | " for r in at_rounds) + "MB/client/round | wall s/run |",
-             "|---|---|---|---|---|" + "---|" * len(at_rounds) + "---|---|"]
-    print("\n".join(lines), flush=True)
+    table = Table(f"`{command_line('recipe', sys.argv[1:])}`", "",
+                  f"preset `{args.preset}`, {args.rounds} rounds, seeds {args.seeds} (mean +- std)",
+                  "", "| group | row | zACC | gACC | pACC | "
+                  + "".join(f"zACC@{r} | " for r in at_rounds) + "MB/client/round | wall s/run |",
+                  "|---|---|---|---|---|" + "---|" * len(at_rounds) + "---|---|")
     with tempfile.TemporaryDirectory() as out_root:
         for group in args.rows.split(","):
             for label, method, overrides in ROWS[group]:
                 o = {"train.torch_threads": 1, "run.rounds": args.rounds, **PLAIN, **overrides,
                      **extra, "run.method": method}
                 cells, sent, wall = run_seeds(args.preset, o, seeds, out_root,
-                                              f"recipe-{group}-{len(lines)}", at_rounds)
-                line = f"| {group} | {label} | {cells} | {sent / 1e6:.2f} | {wall:.0f} |"
-                lines.append(line)
-                print(line, flush=True)
+                                              f"recipe-{group}-{len(table.lines)}", at_rounds)
+                table.add(f"| {group} | {label} | {cells} | {sent / 1e6:.2f} | {wall:.0f} |")
                 if args.out:
-                    args.out.parent.mkdir(parents=True, exist_ok=True)
-                    args.out.write_text("\n".join(lines) + "\n")
+                    table.write(args.out)
     print(f"done in {time.process_time():.0f} s CPU", flush=True)
 
 

@@ -1,7 +1,7 @@
 """docs/RESULTS.md from the sweeps' JSONL results: one table per sweep, its command, plots.
 
-    python benchmarks/report.py                                   # benchmarks/results/*.jsonl
-    python benchmarks/report.py --results a.jsonl --results b.jsonl --out docs/RESULTS.md
+    python -m benchmarks.report                                   # benchmarks/results/*.jsonl
+    python -m benchmarks.report --results a.jsonl --results b.jsonl --out docs/RESULTS.md
 
 A table is one sweep at one number of rounds with one set of ``-c`` overrides, from one results
 file; its rows are the sweep's cells (times each ``--variant``) in the order ``benchmarks/
@@ -23,9 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from sweep import ROOT, SWEEPS, read_results
+from benchmarks.harness import ROOT
+from benchmarks.sweep import SWEEPS, read_results
 
 DEFAULT_GLOB = "benchmarks/results/*.jsonl"
 ACCURACIES = (("zACC", "zacc_weighted"), ("gACC", "gacc"), ("pACC", "pacc_weighted"))
@@ -105,12 +104,12 @@ class Table:
 
     def command(self) -> str:
         """The sweep command that reruns exactly this table's rows (or the one its records name:
-        a table filled by another script, e.g. benchmarks/heldout_alpha.py)."""
+        a table filled by another script, e.g. benchmarks.heldout_alpha)."""
         named = {r["table_command"] for row in self.rows for r in row.records
                  if r.get("table_command")}
         if len(named) == 1:
             return named.pop()
-        parts = ["python benchmarks/sweep.py", f"--sweep {self.sweep}",
+        parts = ["python -m benchmarks.sweep", f"--sweep {self.sweep}",
                  f"--seeds {','.join(str(s) for s in self.seeds)}"]
         if self.rounds:
             parts.append(f"--rounds {self.rounds}")
@@ -284,7 +283,7 @@ def render(tabs: list[Table], sources: list[str], plots_dir: Path | None, out: P
         "# Benchmark results", "",
         "Written by `benchmarks/report.py` from " + ", ".join(f"`{s}`" for s in sources)
         + "; do not edit by hand. Rerun a table with the command above it (add `--resume` to "
-          "continue an interrupted sweep), then `python benchmarks/report.py`.", "",
+          "continue an interrupted sweep), then `python -m benchmarks.report`.", "",
         ("Every run goes through `flwr run` as a user runs it (`python -m hfz_app.launch`: its "
         "own SuperLink, one simulated SuperNode per client on Ray, `train.torch_threads=1`, one "
         "CPU per ClientApp). Accuracies are the last evaluated round's, in %, mean +- std over "
@@ -308,8 +307,8 @@ def render(tabs: list[Table], sources: list[str], plots_dir: Path | None, out: P
 
 
 # Tables that other scripts write (each with its command), shown here so that the report is whole.
-EMBEDDED = (("Defaults: one key of the recipe at a time, chosen on the participants' pACC "
-             "(in-process Grid, which gives the same numbers as `flwr run`)",
+EMBEDDED = ((("Defaults: one key of the recipe at a time, chosen on the participants' pACC "
+              "(in-process Grid, which gives the same numbers as `flwr run`)"),
              "docs/DEFAULTS_sweep.md"),)
 LINKED = (("Cost per method: bytes, peak memory, parameters, step time",
            "docs/benchmarks/cost_table.md"),
@@ -351,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     paths = args.results or sorted(ROOT.glob(DEFAULT_GLOB))
     if not paths:
-        print(f"error: no results files ({DEFAULT_GLOB}); run benchmarks/sweep.py first",
+        print(f"error: no results files ({DEFAULT_GLOB}); run `python -m benchmarks.sweep` first",
               file=sys.stderr)
         return 2
     tabs = tables(load(paths))

@@ -14,8 +14,8 @@ Two clocks: wall time (what a user waits for; the goals refer to it) and process
 comparable under contention, at the price of a thread wake-up per parallel region, which
 penalises many-small-op steps (HyperFedZero's) more than the plain one.
 
-    python benchmarks/step_time.py            # default run (< ~10 min), writes the md below
-    python benchmarks/step_time.py --quick    # smoke: MLP + LeNet, eager, few repeats
+    python -m benchmarks.step_time            # default run (< ~10 min), writes the md below
+    python -m benchmarks.step_time --quick    # smoke: MLP + LeNet, eager, few repeats
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import platform
 import statistics
 import sys
 import time
@@ -37,9 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
+from benchmarks.harness import ROOT, machine, written_by
 from hfz_app.config import ModelSection, TrainSection
 from hfz_app.hyper import HyperFedZeroModel
 from hfz_app.models import build_target
@@ -203,21 +200,6 @@ def check_compiled_matches(target: str) -> float:
     return float((outs[0] - outs[1]).norm() / outs[0].norm())
 
 
-def machine_info(threads: int) -> str:
-    cpu = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
-        cpu = f"{names[0]} ({len(names)} logical cores)" if names else cpu
-    except OSError:
-        pass
-    return (
-        f"{cpu}; {platform.system()} {platform.release()}; Python {platform.python_version()}; "
-        f"torch {torch.__version__}; {threads} threads; OMP_WAIT_POLICY="
-        f"{os.environ.get('OMP_WAIT_POLICY', 'default')}"
-    )
-
-
 def _load() -> str:
     try:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -269,10 +251,7 @@ def render(
     lines = [
         "# Training-step time: HyperFedZero against the plain target",
         "",
-        "Written by `benchmarks/step_time.py`; do not edit by hand.",
-        "",
-        "Command: `" + " ".join(["python benchmarks/step_time.py", *args.argv]) + "`",
-        "",
+        *written_by("step_time", args.argv),
         (
             f"Machine: {info}. Load average before / after: {loads[0]} / {loads[1]} "
             "(above ~2, other jobs shared the 2 cores during the run)."
@@ -438,7 +417,9 @@ def main() -> None:
     targets = [t for t in (args.targets.split(",") if args.targets else TARGETS) if t]
     if args.quick and not args.targets:
         targets = ["mlp", "lenet"]
-    info, load_before = machine_info(args.threads), _load()
+    info = f"{machine()}; {args.threads} threads; " \
+           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')}"
+    load_before = _load()
     start = time.perf_counter()
     results = {}
     for target in targets:

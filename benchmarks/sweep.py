@@ -1,12 +1,13 @@
 """Benchmark sweeps through `flwr run`: method x preset x seed (x variants), one JSONL line per run.
 
-    python benchmarks/sweep.py --sweep mnist --seeds 0,1,2     # -> benchmarks/results/mnist.jsonl
-    python benchmarks/sweep.py --sweep scale --seeds 0 --rounds 10 --resume
-    python benchmarks/sweep.py --sweep mnist --dry-run          # print the commands only
-    python benchmarks/report.py                                 # docs/RESULTS.md from the JSONL
+    python -m benchmarks.sweep --sweep mnist --seeds 0,1,2     # -> benchmarks/results/mnist.jsonl
+    python -m benchmarks.sweep --sweep scale --seeds 0 --rounds 10 --resume
+    python -m benchmarks.sweep --sweep mnist --dry-run          # print the commands only
+    python -m benchmarks.report                                 # docs/RESULTS.md from the JSONL
 
 Every run is ``python -m hfz_app.launch --preset P -c run.method=M -c run.seed=S ...`` as a
-subprocess: the path a user takes (`make run`), with its own SuperLink and simulated SuperNodes.
+subprocess (benchmarks.harness's ``flwr`` mode): the path a user takes (`make run`), with its own
+SuperLink and simulated SuperNodes.
 Each finished run's last evaluated metrics row (zACC, its spread across held-out clients, gACC,
 pACC, bytes per client) and the launch's wall time are appended to the results file at once, so an
 interrupted sweep keeps what it measured; ``--resume`` skips the cells the file already holds
@@ -25,12 +26,9 @@ import fnmatch
 import hashlib
 import json
 import os
-import platform
 import re
 import shlex
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -38,14 +36,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from benchmarks.harness import (
+    ROOT,
+    git_commit,
+    launch_command,
+    machine,
+    parse_variants,
+    run_training,
+)
+from hfz_app.config import CONF_DIR, parse_overrides
 
-from hfz_app.config import CONF_DIR
-from hfz_app.config import parse_overrides
-from hfz_app.launch import toml_value
-
-LAUNCH = [sys.executable, "-m", "hfz_app.launch"]  # tests swap in a stand-in
 RESULTS_DIR = ROOT / "benchmarks" / "results"  # default: <sweep>[+<sweep>...].jsonl here
 DEFAULT_RUNS = ROOT / "outputs" / "sweeps"
 # Keys the sweep sets per run that say where and how fast, not what is computed: not part of a
@@ -247,12 +247,13 @@ def plan(sweeps: Iterable[str], seeds: Iterable[int], rounds: int | None = None,
 def command(job: Job, runs_dir: Path, torch_threads: int = 1,
             launch_args: Iterable[str] = ()) -> list[str]:
     """The launch command of one run (`python -m hfz_app.launch ...`), as a user would type it."""
-    settings = job.overrides() | {"run.name": job.name, "run.output_dir": str(runs_dir),
-                                  "train.torch_threads": torch_threads}
-    cmd = [*LAUNCH, "--preset", job.cell.preset, *launch_args]
-    for key, value in settings.items():
-        cmd += ["-c", f"{key}={toml_value(value)}"]
-    return cmd
+    return launch_command(job.cell.preset, settings(job, runs_dir, torch_threads), launch_args)
+
+
+def settings(job: Job, runs_dir: Path, torch_threads: int = 1) -> dict[str, Any]:
+    """The run's overrides, then where it writes and its thread count."""
+    return job.overrides() | {"run.name": job.name, "run.output_dir": str(runs_dir),
+                              "train.torch_threads": torch_threads}
 
 
 def display(cmd: list[str]) -> str:
@@ -295,43 +296,9 @@ def append_record(path: Path, record: Mapping[str, Any]) -> None:
 # -- running --------------------------------------------------------------------------------------
 
 
-def machine() -> str:
-    """CPU model, core count, OS, Python and torch (for the report's header)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        from importlib.metadata import version
-
-        torch = f"torch {version('torch')}, flwr {version('flwr')}"
-    except Exception:  # noqa: BLE001
-        torch = "torch ?"
-    return f"{cpu}, {os.cpu_count()} cores; {platform.system()} {platform.release()}; " \
-           f"Python {platform.python_version()}; {torch}"
-
-
-def git_commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                              capture_output=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=ROOT, text=True, capture_output=True, check=False).stdout.strip()
-        return head + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "?"
-
-
-def last_metrics(metrics_csv: Path) -> dict[str, float]:
-    """The last evaluated round's metrics (floats; empty cells left out) and its round."""
-    import csv
-
-    with metrics_csv.open() as f:
-        rows = list(csv.DictReader(f))
+def last_metrics(rows: list[dict[str, str]]) -> dict[str, float]:
+    """The last evaluated round's metrics (floats; empty cells left out) and its round, from a
+    run's metrics.csv rows."""
     evaluated = [r for r in rows if r.get("zacc_weighted") or r.get("gacc")] or rows
     last = evaluated[-1]
     out: dict[str, float] = {"round": int(last["round"])}
@@ -359,49 +326,6 @@ def data_unavailable(preset: str, overrides: Mapping[str, Any]) -> str | None:
     except ConfigError:
         return None
     return None
-
-
-def run_process(cmd: list[str], log_path: Path, timeout_s: float | None,
-                echo: bool) -> tuple[int, str, bool]:
-    """Run ``cmd``, its stdout and stderr into ``log_path`` (and the terminal with ``echo``).
-    Returns the exit code, the output and whether it timed out (SIGINT, then SIGKILL: launch stops
-    its SuperLink on SIGINT)."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", PYTHONUNBUFFERED="1")
-    lines: list[str] = []
-    timed_out = False
-    with log_path.open("w") as log:
-        log.write("$ " + shlex.join(cmd) + "\n")
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, bufsize=1)
-        deadline = time.monotonic() + timeout_s if timeout_s else None
-        assert proc.stdout is not None
-        import selectors
-
-        with selectors.DefaultSelector() as sel:
-            sel.register(proc.stdout, selectors.EVENT_READ)
-            while True:
-                if deadline is not None and time.monotonic() > deadline and not timed_out:
-                    timed_out = True
-                    proc.send_signal(signal.SIGINT)
-                    deadline = time.monotonic() + 60  # then SIGKILL
-                elif timed_out and deadline is not None and time.monotonic() > deadline:
-                    proc.kill()
-                    deadline = None
-                if not sel.select(timeout=1.0):
-                    if proc.poll() is not None:
-                        break
-                    continue
-                line = proc.stdout.readline()
-                if not line:
-                    break
-                lines.append(line)
-                log.write(line)
-                if echo:
-                    sys.stdout.write(line)
-                    sys.stdout.flush()
-        proc.wait()
-    return proc.returncode, "".join(lines), timed_out
 
 
 def error_line(output: str) -> str:
@@ -435,22 +359,23 @@ def run_job(job: Job, runs_dir: Path, torch_threads: int = 1, launch_args: Itera
     run_dir = runs_dir / job.name
     for old in (run_dir, *runs_dir.glob(f"{job.name}-[0-9]*")):
         shutil.rmtree(old, ignore_errors=True)  # a partial run of this cell: start clean
-    start = time.perf_counter()
-    rc, output, timed_out = run_process(cmd, runs_dir / "logs" / f"{job.name}.log", timeout_s,
-                                        echo)
-    record["wall_s"] = round(time.perf_counter() - start, 2)
-    record["log"] = str(runs_dir / "logs" / f"{job.name}.log")
+    log = runs_dir / "logs" / f"{job.name}.log"
+    run = run_training(job.cell.preset, settings(job, runs_dir, torch_threads), "flwr",
+                       launch_args=launch_args, log_path=log, timeout_s=timeout_s, echo=echo)
+    rc, output = run.rc, run.output
+    record["wall_s"] = round(run.wall_s, 2)
+    record["log"] = str(log)
     completed = re.findall(r"run \d+ completed in (\d+) s", output)
     if completed:
         record["flwr_s"] = float(completed[-1])
     metrics_csv = run_dir / "metrics.csv"
-    if rc == 0 and metrics_csv.exists():
-        record |= {"status": "ok", "output_dir": str(run_dir), **last_metrics(metrics_csv)}
+    if rc == 0 and run.output_dir is not None:
+        record |= {"status": "ok", "output_dir": str(run.output_dir), **last_metrics(run.rows)}
         if not keep_checkpoints:
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         return record
     message = error_line(output)
-    if timed_out:
+    if run.timed_out:
         return record | {"status": "failed", "message": f"timed out after {timeout_s:.0f} s"}
     why = data_unavailable(job.cell.preset, job.overrides()) if rc != 0 else None
     if why is not None:
@@ -486,18 +411,6 @@ def summary_line(i: int, n: int, record: Mapping[str, Any]) -> str:
                 f"{pct('pacc_weighted')} | {record.get('bytes_sent_per_client', 0) / 1e6:.2f} MB"
                 f"/client/round | round {record['round']} | {record['wall_s']:.0f} s")
     return f"{head} {record['status'].upper()}: {record.get('message', '')}"
-
-
-def parse_variants(specs: list[str]) -> dict[str, dict[str, Any]]:
-    if not specs:
-        return {"": {}}
-    variants = {}
-    for spec in specs:
-        name, sep, rest = spec.partition("=")
-        if not sep or not name:
-            raise SystemExit(f"error: --variant {spec!r}: expected NAME=k=v,k=v")
-        variants[name] = parse_overrides([p for p in rest.split(",") if p])
-    return variants
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -581,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         counts[record["status"]] += 1
         print(summary_line(i, len(todo), record), flush=True)
     print(f"done: {counts['ok']} ok, {counts['skipped']} skipped, {counts['failed']} failed; "
-          f"`python benchmarks/report.py --results {args.results}` writes the tables", flush=True)
+          f"`python -m benchmarks.report --results {args.results}` writes the tables", flush=True)
     return 1 if counts["failed"] else 0
 
 

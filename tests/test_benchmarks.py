@@ -1,24 +1,18 @@
-"""The benchmark suite's infrastructure (benchmarks/sweep.py, benchmarks/report.py), without
-training anything: the launch command each cell runs, resume, skipped cells, the report's
-aggregation. A stand-in launcher writes metrics.csv as hfz_app.launch would."""
+"""The benchmark suite's infrastructure (benchmarks.sweep, benchmarks.report, benchmarks.harness),
+without training anything but one tiny in-process run of the harness: the launch command each
+cell runs, resume, skipped cells, the report's aggregation, the shared helpers. A stand-in
+launcher writes metrics.csv as hfz_app.launch would."""
 
 from __future__ import annotations
 
 import json
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import report
-import sweep
-
-from hfz_app.config import CONF_DIR, load_config
-from hfz_app.config import parse_overrides
+from benchmarks import harness, report, sweep
+from hfz_app.config import CONF_DIR, load_config, parse_overrides
 
 
 def launch_overrides(cmd: list[str]) -> tuple[str, dict]:
@@ -110,7 +104,7 @@ FAKE_LAUNCH = textwrap.dedent('''
 def fake_launch(tmp_path, monkeypatch):
     script = tmp_path / "fake_launch.py"
     script.write_text(FAKE_LAUNCH)
-    monkeypatch.setattr(sweep, "LAUNCH", [sys.executable, str(script)])
+    monkeypatch.setattr(harness, "LAUNCH", [sys.executable, str(script)])
     monkeypatch.setattr(sweep, "git_commit", lambda: "abc1234")
     return tmp_path / "runs"
 
@@ -207,7 +201,7 @@ def test_report_aggregates_over_seeds_and_lists_skipped_cells(tmp_path):
     assert fedavg.stat("zacc_weighted") == pytest.approx((95.0, 1.0))
     assert [r["seed"] for r in fedavg.ok] == [0, 1]
     text = "\n".join(report.table_markdown(table))
-    assert "python benchmarks/sweep.py --sweep mnist --seeds 0,1 --rounds 20 " in text
+    assert "python -m benchmarks.sweep --sweep mnist --seeds 0,1 --rounds 20 " in text
     assert "--only-cells fedavg,ditto,pfedme,hyperfedzero" in text
     assert "| hyperfedzero | `hyperfedzero` | 97.50 +- 0.50 | 2.00 | 96.00 +- 0.00 | " \
            "96.00 +- 1.00 | 2 (0,1) | 1.06 | 60 |" in text
@@ -221,14 +215,62 @@ def test_report_aggregates_over_seeds_and_lists_skipped_cells(tmp_path):
 
 
 def test_a_table_filled_by_another_script_shows_that_scripts_command(tmp_path):
-    """benchmarks/heldout_alpha.py fills the heldout_alpha table from checkpoints: the report
+    """benchmarks.heldout_alpha fills the heldout_alpha table from checkpoints: the report
     must print its command, not a sweep command that would retrain."""
     path = tmp_path / "h.jsonl"
     rows = [record("hyperfedzero", s, zacc_weighted=0.97, wall_s=1) | {
         "sweep": "heldout_alpha", "cell": "a0.1-hyperfedzero", "x": 0.1,
         "key": f"heldout_alpha/a0.1-hyperfedzero/s{s}",
-        "table_command": "python benchmarks/heldout_alpha.py"} for s in (0, 1)]
+        "table_command": "python -m benchmarks.heldout_alpha"} for s in (0, 1)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     (table,) = report.tables(report.load([path]))
-    assert table.command() == "python benchmarks/heldout_alpha.py"
-    assert "python benchmarks/heldout_alpha.py" in "\n".join(report.table_markdown(table))
+    assert table.command() == "python -m benchmarks.heldout_alpha"
+    assert "python -m benchmarks.heldout_alpha" in "\n".join(report.table_markdown(table))
+
+
+def test_em_prior_recovers_a_shifted_label_prior():
+    """Saerens et al.'s EM on the Bayes posteriors of two 1-D Gaussian classes: the test prior
+    from unlabelled inputs alone, whatever prior the posteriors were computed under."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    y = (torch.rand(20000, generator=g) < 0.2).long()  # test prior (0.8, 0.2)
+    x = torch.randn(20000, generator=g) + 2.0 * y  # class means 0 and 2
+    likelihood = torch.stack([-(x ** 2) / 2, -((x - 2.0) ** 2) / 2], 1).exp()
+    for train_prior in (None, torch.tensor([0.3, 0.7])):
+        weights = torch.full((2,), 0.5) if train_prior is None else train_prior
+        posteriors = likelihood * weights / (likelihood * weights).sum(1, keepdim=True)
+        est = harness.em_prior(posteriors, train_prior)
+        assert est.tolist() == pytest.approx([0.8, 0.2], abs=0.02)
+        assert harness.em_prior(posteriors, train_prior, iterations=0).tolist() == \
+            pytest.approx(weights.tolist())
+
+
+def test_variants_and_accuracy():
+    assert harness.parse_variants([]) == {"": {}}
+    assert harness.parse_variants([], default="default") == {"default": {}}
+    assert harness.parse_variants(["a=", "b=train.lr=0.01,run.seed=3"]) == \
+        {"a": {}, "b": {"train.lr": 0.01, "run.seed": 3}}
+    with pytest.raises(SystemExit, match="expected NAME=k=v"):
+        harness.parse_variants(["nameonly"])
+    import torch
+
+    assert harness.accuracy(torch.tensor([[0.0, 1.0], [2.0, 1.0]]), torch.tensor([1, 1])) == 0.5
+    assert harness.command_line("sweep", ["--sweep", "a b"], quote=True) == \
+        "python -m benchmarks.sweep --sweep 'a b'"
+
+
+def test_run_training_in_this_process_and_in_a_fresh_one(tmp_path):
+    """The harness's in-process mode, here and in a fresh process (as flower_overhead runs it):
+    the same metrics; a second run of the same name gets its own folder (``name-2``)."""
+    overrides = {"run.output_dir": str(tmp_path), "run.name": "t", "run.rounds": 1,
+                 "train.torch_threads": 1}
+    here = harness.run_training("tiny", overrides)
+    fresh = harness.run_training("tiny", overrides, fresh_process=True)
+    assert here.output_dir == tmp_path / "t" and fresh.output_dir == tmp_path / "t-2"
+    assert fresh.rc == 0 and set(fresh.child) == {"import_s", "run_s"}
+    timing = ("elapsed_s", "round_time_s")
+    assert len(here.rows) == 2 and [{k: v for k, v in r.items() if k not in timing}
+                                    for r in here.rows] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in fresh.rows]
+    assert harness.run_folder(tmp_path, "t") == tmp_path / "t-2"
