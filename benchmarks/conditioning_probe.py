@@ -17,8 +17,9 @@ import torch
 
 from benchmarks.harness import accuracy, em_prior
 from hfz_app.checkpoint import load_checkpoint
+from hfz_app.config import from_dict
 from hfz_app.data import build_federation
-from hfz_app.methods import get_method
+from hfz_app.methods import runtime_for
 
 # EM steps from the training prior: the EM-refined column of docs/RECIPE.md was measured with 11
 # (ten after a first step that averages the posteriors as they are).
@@ -30,15 +31,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True)
     args = parser.parse_args()
-    from hfz_app.zeroshot.frozen import config_from_dict
 
     ckpt = load_checkpoint(args.checkpoint)
-    cfg = config_from_dict(ckpt.config)
+    cfg = from_dict(ckpt.config)
     fed = build_federation(cfg.data, cfg.run.seed)
-    method = get_method(cfg.run.method)(cfg, fed.input_shape, fed.num_classes)
-    model = method.build_model()
-    model.load_state_dict(ckpt.shared, strict=False)
-    model.eval()
+    runtime = runtime_for(cfg, fed.input_shape, fed.num_classes)
+    method, model = runtime.method, runtime.frozen(ckpt.shared, f"checkpoint {args.checkpoint}")
     heldout = [fed.client(p) for p in range(cfg.data.num_participants,
                                              cfg.data.num_participants + cfg.data.num_heldout)]
     pooled = [model.pooled_embedding(c.test_x) for c in heldout]

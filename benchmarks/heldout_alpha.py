@@ -7,8 +7,8 @@ The held-out clients' Dirichlet alpha (``data.alpha_dir_heldout``) changes only 
 pool is split: the participants' data, hence the trained shared arrays, do not depend on it (the
 federation draws each decision from its own random stream). So instead of training the `mnist`
 sweep's FedAvg / HyperFedZero / control once per alpha, this script takes their final checkpoints
-(trained through ``flwr run``) and evaluates them with the zero-shot app's own frozen code
-(``hfz_app.zeroshot.frozen``, whose zACC equals the apps', tested) on the held-out clients drawn
+(trained through ``flwr run``) and evaluates them frozen with the method runtime both apps use
+(``hfz_app.methods.runtime``, so zACC is computed exactly as there) on the held-out clients drawn
 with each alpha. At the training alpha (0.3) it must reproduce the sweep's recorded zACC: checked.
 
 Writes the records of the `heldout_alpha` table (benchmarks/results/heldout_alpha.jsonl) for
@@ -29,6 +29,8 @@ from benchmarks.harness import ROOT, command_line, git_commit, machine
 from benchmarks.sweep import HELDOUT_ALPHAS, SWEEPS, append_record, read_results
 from hfz_app.checkpoint import load_checkpoint
 from hfz_app.data import build_federation
+from hfz_app.methods import runtime_for
+from hfz_app.zeroshot.checkpoint_config import checkpoint_config
 
 TRAINED_CELLS = ("fedavg", "hyperfedzero", "control")  # cells of the `mnist` sweep
 COMMAND = command_line("heldout_alpha", [])
@@ -45,17 +47,16 @@ def latest_checkpoint(run_dir: Path) -> Path:
 @torch.no_grad()
 def heldout_zacc(checkpoint: Path, alpha: float) -> tuple[float, float]:
     """Weighted zACC over the held-out clients drawn with ``alpha``, and its std across them."""
-    from hfz_app.zeroshot.frozen import build_frozen_model, config_from_dict, frozen_metrics
-
     ckpt = load_checkpoint(checkpoint)
-    cfg = config_from_dict(ckpt.config, {"data.alpha_dir_heldout": alpha})
+    cfg = checkpoint_config(ckpt.config, {"data.alpha_dir_heldout": alpha})
     fed = build_federation(cfg.data, cfg.run.seed)  # cached per (data, seed): methods share it
-    model = build_frozen_model(cfg, fed.input_shape, fed.num_classes, ckpt.shared)
+    runtime = runtime_for(cfg, fed.input_shape, fed.num_classes)
+    model = runtime.frozen(ckpt.shared, f"checkpoint {checkpoint}")
     n_p = cfg.data.num_participants
     accs, sizes = [], []
     for partition in range(n_p, n_p + cfg.data.num_heldout):
-        data = fed.node_client({}, partition, True)
-        metrics = frozen_metrics(model, data.test_x, data.test_y, partition)
+        data = fed.client(partition)
+        metrics = runtime.evaluate(model, data.test_x, data.test_y, zeroshot=True)
         accs.append(metrics["accuracy"])
         sizes.append(metrics["num-examples"])
     weighted = sum(a * n for a, n in zip(accs, sizes)) / sum(sizes)

@@ -19,9 +19,9 @@ import torch
 
 from benchmarks.harness import accuracy, em_prior
 from hfz_app.checkpoint import load_checkpoint
-from hfz_app.config import flatten, load_config
+from hfz_app.config import from_dict
 from hfz_app.data import build_federation
-from hfz_app.methods import get_method
+from hfz_app.methods import runtime_for
 
 
 def main() -> None:
@@ -29,12 +29,10 @@ def main() -> None:
     parser.add_argument("--checkpoint", required=True)
     args = parser.parse_args()
     ckpt = load_checkpoint(args.checkpoint)
-    cfg = load_config(None, flatten(ckpt.config))
+    cfg = from_dict(ckpt.config)
     fed = build_federation(cfg.data, cfg.run.seed)
-    method = get_method(cfg.run.method)(cfg, fed.input_shape, fed.num_classes)
-    model = method.build_model()
-    model.load_state_dict(ckpt.shared, strict=False)
-    model.eval()
+    runtime = runtime_for(cfg, fed.input_shape, fed.num_classes)
+    method, model = runtime.method, runtime.frozen(ckpt.shared, f"checkpoint {args.checkpoint}")
     counts = torch.zeros(fed.num_classes)
     for pid in range(cfg.data.num_participants):
         counts += torch.bincount(fed.client(pid).train_y, minlength=fed.num_classes)

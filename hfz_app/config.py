@@ -14,6 +14,7 @@ Every key is validated on the way in: an unknown key, a wrong type or an out-of-
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 # Run-config values that mean "not set on the command line, keep the preset's value".
 # Flower cannot express a missing value, so pyproject.toml declares every key with this sentinel.
 UNSET = ""
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
 class ConfigError(ValueError):
@@ -49,6 +51,9 @@ class RunSection:
     eval_every: int = field(default=1, metadata=_check(min=1))
     output_dir: str = "outputs"
     resume: bool = False
+    # "auto": CUDA if available, else MPS where present, else the CPU; or "cpu", "cuda", "cuda:N",
+    # "mps". Asking for a device this machine lacks is a one-line error (hfz_app.methods.runtime).
+    device: str = "auto"
 
 
 @dataclass
@@ -119,6 +124,10 @@ class ModelSection:
     compile: bool = False  # torch.compile the forward (fused factorised kernels); off: compile time
     alpha: float = field(default=0.01, metadata=_check(min=0))  # balancing penalty weight
     beta: float = field(default=0.0, metadata=_check(min=0))  # sharpness (entropy) weight
+    # BatchNorm running statistics, for every method alike: "shared" (averaged with the weights,
+    # as FedAvg and Flower's PyTorch template do) or "local" (FedBN: they stay on each participant;
+    # the server and held-out clients then only have the initial ones).
+    bn_stats: Literal["shared", "local"] = "shared"
 
     def hidden_widths(self) -> tuple[int, ...]:
         try:
@@ -152,6 +161,15 @@ class TrainSection:
     # the client's classes (0: plain shuffled batches). See hfz_app.training.batch_indices. Used
     # by methods that condition on the batch (HyperFedZero); baselines ignore it.
     prior_alpha: float = field(default=0.0, metadata=_check(min=0))
+
+
+@dataclass
+class EvalSection:
+    """Evaluation on held-out clients, for every method alike."""
+
+    # "adabn": before evaluating, re-estimate BatchNorm statistics from the client's own unlabelled
+    # inputs in one no-gradient pass (AdaBN; no label, no gradient step: still zero-shot).
+    heldout_adapt: Literal["none", "adabn"] = "none"
 
 
 @dataclass
@@ -219,7 +237,7 @@ class PFedMeSection:
     personal_lr: float = field(default=0.05, metadata=_check(gt=0))
     # The shared model's step towards the personal one, w <- w - eta*lam*(w - theta): with large
     # lam, SGD on the Moreau envelope with rate eta. Chosen on MNIST/MLP seed 0 by pACC over
-    # 0.05 / 0.2 / 0.5 / 1 (94.47 / 96.84 / 97.60 / 97.05): `python benchmarks/sweep.py --sweep
+    # 0.05 / 0.2 / 0.5 / 1 (94.47 / 96.84 / 97.60 / 97.05): `python -m benchmarks.sweep --sweep
     # mnist --only-cells pfedme --seeds 0 --variant eta0.2=pfedme.eta=0.2 ...`, results in
     # benchmarks/results/pfedme_eta.jsonl and docs/RESULTS.md. (Until then pFedMe
     # stepped with train.lr, 0.05: effectively 10x slower than FedAvg's SGD with momentum 0.9.)
@@ -251,6 +269,7 @@ class Config:
     data: DataSection = field(default_factory=DataSection)
     model: ModelSection = field(default_factory=ModelSection)
     train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
     server: ServerSection = field(default_factory=ServerSection)
     privacy: PrivacySection = field(default_factory=PrivacySection)
     fedprox: FedProxSection = field(default_factory=FedProxSection)
@@ -430,6 +449,9 @@ def validate(cfg: Config) -> None:
     """Cross-field checks that a single key's range cannot express. Names that a registry owns
     (``run.method``, ``model.target``, ``data.dataset``) are checked by that registry."""
     cfg.model.hidden_widths()
+    if not DEVICE_PATTERN.fullmatch(cfg.run.device):
+        raise ConfigError(f"run.device: expected auto, cpu, cuda, cuda:N or mps, got "
+                          f"{cfg.run.device!r}")
     if cfg.run.eval_every > cfg.run.rounds:
         raise ConfigError(
             f"run.eval_every: expected <= run.rounds ({cfg.run.rounds}), got {cfg.run.eval_every}"
