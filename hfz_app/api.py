@@ -14,6 +14,7 @@ Worked example: ``examples/existing-project/``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Sequence
 from typing import Any
@@ -73,7 +74,13 @@ def hyperfedzero(
         )
     if int(num_classes) < 2:
         raise ConfigError(f"num_classes: expected >= 2, got {num_classes}")
-    return HyperFedZeroModel(module, shape, int(num_classes), cfg)  # type: ignore[arg-type]
+    device = next(module.parameters(), torch.empty(0)).device
+    if device.type == "cpu":
+        return HyperFedZeroModel(module, shape, int(num_classes), cfg)  # type: ignore[arg-type]
+    # A module already on an accelerator: built from a CPU copy (the wrapper copies it anyway,
+    # and its dry runs and calibration happen on the CPU), then moved to the module's device.
+    cpu_copy = copy.deepcopy(module).cpu()
+    return HyperFedZeroModel(cpu_copy, shape, int(num_classes), cfg).to(device)
 
 
 class HyperFedZeroLoss(nn.Module):
@@ -145,5 +152,6 @@ def zero_shot_model(
     Checkpoint-based export of the app's own runs: ``python -m hfz_app.export``."""
     hfz = _check_model(model, "zero_shot_model")
     hfz.eval()
-    module.load_state_dict(hfz.generate(hfz.pooled_embedding(x_unlabelled, batch_size)))
+    x = x_unlabelled.to(next(hfz.parameters()).device)
+    module.load_state_dict(hfz.generate(hfz.pooled_embedding(x, batch_size)))
     return module.eval()

@@ -141,12 +141,14 @@ def export(
         "checkpoint": str(checkpoint_path), "checkpoint_round": ckpt.server_round,
         "trained_run": cfg.run.name, "method": cfg.run.method, "target": cfg.model.target,
         "input_shape": list(input_shape), "num_classes": classes, **source,
-        "num_samples": len(x), "labels": y is not None,
+        "num_samples": len(x), "labels": y is not None, "device": str(runtime.device),
     }
+    x = x.to(runtime.device)
+    y = y.to(runtime.device) if y is not None else None
     if isinstance(model, HyperFedZeroModel):
         e = model.pooled_embedding(x)
         state = model.generate(e)
-        plain = build_target(cfg.model.target, tuple(input_shape), classes)
+        plain = build_target(cfg.model.target, tuple(input_shape), classes).to(runtime.device)
         plain.load_state_dict(state)
         with torch.inference_mode():
             usage = embedding_stats(e.reshape(1, -1))
@@ -164,8 +166,8 @@ def export(
         report["max_abs_logit_diff_vs_generated"] = float((exported - pooled).abs().max())
 
     out.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.detach().clone() for k, v in state.items()}, out / "model.pt")
-    to_torchscript(plain, x[:2]).save(str(out / "model.torchscript.pt"))
+    torch.save({k: v.detach().cpu().clone() for k, v in state.items()}, out / "model.pt")
+    to_torchscript(plain.cpu(), x[:2].cpu()).save(str(out / "model.torchscript.pt"))
     report["files"] = {"state_dict": str(out / "model.pt"),
                        "torchscript": str(out / "model.torchscript.pt")}
     report["parameters"] = sum(v.numel() for v in plain.parameters())
@@ -215,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     data.add_argument("--data", type=Path, help=".npz with x (and optionally y, for the report)")
     parser.add_argument("--num-classes", type=int, help="with --data: default the dataset's")
     parser.add_argument("-c", "--run-config", action="append", default=[], metavar="KEY=VALUE",
-                        help="data.* / train.torch_threads override of the checkpoint's config")
+                        help="data.* / eval.* / train.torch_threads / run.device override of "
+                             "the checkpoint's config")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     args = parser.parse_args(argv)
     try:
@@ -224,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides = parse_overrides(args.run_config)
         bad = sorted(set(overrides) - set(overridable_keys()))
         if bad:
-            raise ZeroShotError(f"{bad[0]}: only data.* and train.torch_threads can be overridden")
+            raise ZeroShotError(f"{bad[0]}: only data.*, eval.*, train.torch_threads and run.device "
+                                "can be overridden")
         path = (args.checkpoint if args.checkpoint is not None
                 else find_checkpoint("", args.run, args.round, args.output_dir))
         report = export(path, args.out, partition=args.partition, data_file=args.data,

@@ -28,7 +28,7 @@ from hfz_app.config import ConfigError, load_config, parse_overrides
 from hfz_app.data import DataSourceError, build_federation, load_dataset
 from hfz_app.data.describe import describe
 from hfz_app.federation.job import PLAN_CACHE_ENV
-from hfz_app.methods import get_method
+from hfz_app.methods import get_method, resolve_device
 from hfz_app.models import target_factory
 
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.preset, overrides)
             get_method(cfg.run.method)  # names the registries own: one line, before Flower
             target_factory(cfg.model.target)
+        resolve_device(cfg.run.device)  # a GPU asked for where there is none: before Flower
         load_dataset(cfg.data.dataset, cfg.data.data_dir)  # a missing source: before Flower
     except (ConfigError, DataSourceError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -69,12 +69,17 @@ def train_epochs(
     prior_alpha: float = 0.0,
 ) -> dict[str, float]:
     """Minibatch training; returns the sample-weighted mean of the loss and its named parts.
-    ``prior_alpha``: label-prior augmentation of the batches (see :func:`batch_indices`)."""
+    ``prior_alpha``: label-prior augmentation of the batches (see :func:`batch_indices`).
+
+    ``x`` and ``y`` may live on an accelerator; batch indices are drawn on the CPU (the same
+    batches on every device), and the sums stay on the device in float64 until the end, so a step
+    never waits for the host."""
     model.train()
-    totals: dict[str, float] = {}
+    totals: dict[str, torch.Tensor] = {}
     seen = 0
+    labels = y.cpu()
     for _ in range(epochs):
-        for idx in batch_indices(y, batch_size, generator, prior_alpha):
+        for idx in batch_indices(labels, batch_size, generator, prior_alpha):
             loss, parts = loss_fn(model, x[idx], y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -83,7 +88,6 @@ def train_epochs(
                 after_step()
             n = len(idx)
             seen += n
-            totals["train_loss"] = totals.get("train_loss", 0.0) + loss.item() * n
-            for key, value in parts.items():
-                totals[key] = totals.get(key, 0.0) + float(value) * n
-    return {key: value / max(seen, 1) for key, value in totals.items()}
+            for key, value in {"train_loss": loss.detach(), **parts}.items():
+                totals[key] = totals.get(key, 0.0) + torch.as_tensor(value).double() * n
+    return {key: float(value) / max(seen, 1) for key, value in totals.items()}

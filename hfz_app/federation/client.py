@@ -43,7 +43,8 @@ def handle_train(msg: Message, context: Context) -> Message:
     model = job.runtime.receive(msg.content["arrays"], _received(msg), context.state)
     seed = round_seed(job.cfg.run.seed, int(config["server-round"]), partition)
     torch.manual_seed(seed)
-    metrics = job.method.local_train(model, data.train_x, data.train_y,
+    device = job.runtime.device
+    metrics = job.method.local_train(model, data.train_x.to(device), data.train_y.to(device),
                                      torch.Generator().manual_seed(seed), dict(config))
     shared = job.runtime.reply(model, context.state)
     metrics = {**metrics, "num-examples": len(data.train_x), "partition-id": partition}
@@ -74,9 +75,11 @@ def handle_zeroshot(msg: Message, context: Context) -> Message:
     data = job.node_data(context.node_config, partition, heldout)
     seed = round_seed(job.cfg.run.seed, int(msg.content["config"]["server-round"]), partition)
     model = job.runtime.receive(msg.content["arrays"], _received(msg))
+    device = job.runtime.device
     model, x, y = job.method.prepare_heldout(  # a no-op for every zero-shot method
-        model, data.test_x, data.test_y, torch.Generator().manual_seed(seed))
+        model, data.test_x.to(device), data.test_y.to(device),
+        torch.Generator().manual_seed(seed))
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    return _metrics_reply(msg, job.runtime.evaluate(model, x, y, zeroshot=True,
-                                                    tags={"partition-id": partition}))
+    return _metrics_reply(msg, job.runtime.evaluate_heldout(model, x, y,
+                                                            tags={"partition-id": partition}))

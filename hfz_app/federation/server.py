@@ -154,6 +154,11 @@ def run_server(grid: Grid, context: Context) -> RunOutputs:
           f"{cfg.data.num_participants} participants + {cfg.data.num_heldout} held out, "
           f"{cfg.run.rounds} rounds; shared {initial.count_bytes() / 1e6:.2f} MB; "
           f"results -> {outputs.dir}", flush=True)
+    if cfg.model.bn_stats == "local" and runtime.batchnorm_keys():
+        heldout = ("their own, re-estimated from their inputs (eval.heldout_adapt=adabn)"
+                   if cfg.eval.heldout_adapt == "adabn" else "the initial ones too")
+        print(f"BatchNorm statistics stay on each participant (model.bn_stats=local): gACC uses "
+              f"the initial statistics; held-out clients use {heldout}", flush=True)
     roles = discover_roles(
         grid, cfg.data.num_participants + cfg.data.num_heldout, cfg.server.timeout_s
     )

@@ -8,9 +8,14 @@ from torch import Tensor
 from hfz_app.hyper.penalty import entropy
 
 
+def usage(e: Tensor) -> Tensor:
+    """``exp(H(mean_i e_i))`` as a tensor on ``e``'s device (no host sync)."""
+    return torch.exp(entropy(e.detach().reshape(-1, e.shape[-1]).mean(0)))
+
+
 def embed_usage(e: Tensor) -> float:
     """``exp(H(mean_i e_i))``: how many of the ``d`` dimensions the data uses (1 = collapse)."""
-    return float(torch.exp(entropy(e.detach().reshape(-1, e.shape[-1]).mean(0))))
+    return float(usage(e))
 
 
 def mean_entropy(e: Tensor) -> float:

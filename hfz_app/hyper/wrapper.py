@@ -35,6 +35,7 @@ from hfz_app.hyper.layers import (
     select_generated,
 )
 from hfz_app.hyper.penalty import hfz_loss
+from hfz_app.models.common import personal_buffer_keys
 
 
 class HFZOutput(NamedTuple):
@@ -216,7 +217,7 @@ class HyperFedZeroModel(nn.Module):
     def pooled_embedding(self, x: Tensor, chunk: int = 1024) -> Tensor:
         """The mean embedding [d] of a client's unlabelled inputs (granularity ``client``);
         accumulated in float64 so that it does not depend on the chunking."""
-        total = torch.zeros(self.embed_dim, dtype=torch.float64)
+        total = torch.zeros(self.embed_dim, dtype=torch.float64, device=x.device)
         for i in range(0, len(x), chunk):
             total += self.embed(x[i : i + chunk]).double().sum(0)
         return (total / max(len(x), 1)).float()
@@ -254,18 +255,10 @@ class HyperFedZeroModel(nn.Module):
         return [g for g in groups if g["params"]]
 
     def personal_keys(self) -> list[str]:
-        """State-dict keys that never leave the client: BatchNorm running statistics.
-
-        They describe the client's own feature distribution (SPEC.md: "local BN statistics" stay
-        local). A model that has never seen a client's data (e.g. the server's copy) therefore
-        normalises with its initial statistics; evaluate such targets after re-estimating the
-        statistics on the client's unlabelled inputs, or in train-mode BN.
-        """
-        keys = []
-        for name, m in self.named_modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
-                keys += [f"{name}.{b}" for b, _ in m.named_buffers(recurse=False)]
-        return keys
+        """State-dict keys that never leave the client: BatchNorm buffers as ``bn_stats`` says
+        (``shared``: only the step counter; ``local``, FedBN: the running statistics too, so a
+        model that never saw a client's data normalises with its initial statistics)."""
+        return personal_buffer_keys(self, self.cfg.bn_stats)
 
     def shared_keys(self) -> list[str]:
         """State-dict keys averaged by the server: extractor and noise head, hypernetwork (with

@@ -13,7 +13,7 @@ from hfz_app.methods.fedprox import FedProxMethod
 from hfz_app.methods.finetune import FineTuneMethod
 from hfz_app.methods.hyperfedzero import HyperFedZeroMethod
 from hfz_app.methods.pfedme import PFedMeMethod
-from hfz_app.methods.runtime import MethodRuntime
+from hfz_app.methods.runtime import MethodRuntime, resolve_device
 
 METHODS: dict[str, type[Method]] = {
     m.name: m
@@ -32,9 +32,11 @@ def get_method(name: str) -> type[Method]:
 
 
 def runtime_for(cfg: Config, input_shape: tuple[int, int, int], num_classes: int,
-                device: torch.device | str = "cpu") -> MethodRuntime:
-    """The configured method, ready to build, load and evaluate its model (the one seam)."""
-    return MethodRuntime(get_method(cfg.run.method)(cfg, input_shape, num_classes), device)
+                device: torch.device | str | None = None) -> MethodRuntime:
+    """The configured method, ready to build, load and evaluate its model (the one seam), on
+    ``device`` (default: ``run.device`` resolved on this machine)."""
+    method = get_method(cfg.run.method)(cfg, input_shape, num_classes)
+    return MethodRuntime(method, resolve_device(cfg.run.device) if device is None else device)
 
 
-__all__ = ["METHODS", "Method", "MethodRuntime", "get_method", "runtime_for"]
+__all__ = ["METHODS", "Method", "MethodRuntime", "get_method", "resolve_device", "runtime_for"]

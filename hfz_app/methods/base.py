@@ -18,10 +18,8 @@ from torch import nn
 from hfz_app.config import Config
 from hfz_app.federation.roles import Roles
 from hfz_app.federation.strategy import FedAdamKeepingDtypes, SharedKeys, layered
+from hfz_app.models.common import personal_buffer_keys
 from hfz_app.training import LossFn, make_optimizer, train_epochs
-
-# Buffers that describe one client's data, never another's: kept local by every method.
-LOCAL_BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 
 
 class Method:
@@ -46,8 +44,10 @@ class Method:
         raise NotImplementedError
 
     def shared_keys(self, model: nn.Module) -> list[str]:
-        """State-dict keys the server averages; everything else stays on the client."""
-        return [k for k in model.state_dict() if not k.endswith(LOCAL_BUFFER_SUFFIXES)]
+        """State-dict keys the server averages; everything else stays on the client (BatchNorm
+        buffers as ``model.bn_stats`` says)."""
+        personal = set(personal_buffer_keys(model, self.cfg.model.bn_stats))
+        return [k for k in model.state_dict() if k not in personal]
 
     def personal_keys(self, model: nn.Module) -> list[str]:
         shared = set(self.shared_keys(model))

@@ -42,7 +42,7 @@ class DittoMethod(PersonalisedMethod):
         def personal_loss(m: nn.Module, xb: torch.Tensor, yb: torch.Tensor):
             ce = nn.functional.cross_entropy(m(xb), yb)
             loss = ce + 0.5 * ditto.lam * proximal_term(m, anchor)
-            return loss, {"train_personal_ce": float(ce.detach())}
+            return loss, {"train_personal_ce": ce.detach()}
 
         personal_opt = torch.optim.SGD(model.personal.parameters(),
                                        lr=ditto.personal_lr or train.lr, momentum=train.momentum)

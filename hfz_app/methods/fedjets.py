@@ -79,7 +79,7 @@ class FedJetsMethod(Method):
         logits, probs, chosen = model.forward_with_routing(x)
         ce = nn.functional.cross_entropy(logits, y)
         balance = load_balance(probs, chosen)
-        parts = {"train_ce": float(ce.detach()), "train_balance": float(balance.detach())}
+        parts = {"train_ce": ce.detach(), "train_balance": balance.detach()}
         return ce + self.cfg.fedjets.balance * balance, parts
 
     def diagnostics(self, model: nn.Module, x: torch.Tensor) -> dict[str, float | list[float]]:

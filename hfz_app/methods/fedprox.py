@@ -36,7 +36,7 @@ class FedProxMethod(FedAvgMethod):
 
         def loss(m: nn.Module, xb: torch.Tensor, yb: torch.Tensor):
             ce = nn.functional.cross_entropy(m(xb), yb)
-            return ce + 0.5 * mu * proximal_term(m, anchor), {"train_ce": float(ce.detach())}
+            return ce + 0.5 * mu * proximal_term(m, anchor), {"train_ce": ce.detach()}
 
         return self.fit(model, loss, x, y, generator)
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from hfz_app.evaluation.metrics import EMBED_MEAN_KEY
 from hfz_app.hyper import build_model, embedding_stats
+from hfz_app.hyper.diagnostics import usage
 from hfz_app.methods.base import Method
 
 
@@ -31,10 +32,9 @@ class HyperFedZeroMethod(Method):
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
         output = model(x)
-        loss, parts = model.loss(output, y)
-        usage = embedding_stats(output.embedding.detach())["embed_usage"]
-        return loss, {f"train_{k}": float(v) for k, v in parts.items()} | {
-            "train_embed_usage": usage}
+        loss, parts = model.loss(output, y)  # detached parts: summed on the device, no sync
+        return loss, {f"train_{k}": v for k, v in parts.items()} | {
+            "train_embed_usage": usage(output.embedding)}
 
     def param_groups(self, model: nn.Module) -> list[dict]:
         return model.param_groups(self.cfg.train.lr, self.cfg.train)

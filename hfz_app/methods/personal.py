@@ -12,7 +12,7 @@ import copy
 import torch
 from torch import nn
 
-from hfz_app.methods.base import LOCAL_BUFFER_SUFFIXES, Method
+from hfz_app.methods.base import Method
 from hfz_app.models import build_target
 
 SHARED_PREFIX = "shared."
@@ -48,8 +48,7 @@ class PersonalisedMethod(Method):
         return PersonalisedPair(target)
 
     def shared_keys(self, model: nn.Module) -> list[str]:
-        return [k for k in model.state_dict()
-                if k.startswith(SHARED_PREFIX) and not k.endswith(LOCAL_BUFFER_SUFFIXES)]
+        return [k for k in super().shared_keys(model) if k.startswith(SHARED_PREFIX)]
 
     def predict(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model.personal(x)

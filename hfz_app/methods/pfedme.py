@@ -39,7 +39,7 @@ class PFedMeMethod(PersonalisedMethod):
         theta.train()
         w.train()
         w_params = list(w.parameters())
-        total, seen = 0.0, 0
+        total, seen = torch.zeros((), dtype=torch.float64, device=x.device), 0
         for _ in range(train.local_epochs):
             order = torch.randperm(len(x), generator=generator)
             for start in range(0, len(x), train.batch_size):
@@ -54,10 +54,10 @@ class PFedMeMethod(PersonalisedMethod):
                 with torch.no_grad():
                     for pw, pt in zip(w_params, theta.parameters(), strict=True):
                         pw.sub_(cfg.eta * cfg.lam * (pw - pt))
-                total += float(ce.detach()) * len(idx)
+                total += ce.detach().double() * len(idx)  # summed on the device: no sync
                 seen += len(idx)
         # BatchNorm statistics follow the personal model's passes (w never runs forward here).
         for (name, buf), src in zip(w.named_buffers(), theta.buffers(), strict=True):
             if name.endswith(("running_mean", "running_var")):
                 buf.copy_(src)
-        return {"train_loss": total / max(seen, 1)}
+        return {"train_loss": float(total) / max(seen, 1)}

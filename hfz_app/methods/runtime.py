@@ -16,9 +16,32 @@ from flwr.app import ArrayRecord, RecordDict
 from torch import nn
 
 from hfz_app.arrays import check_arrays, keep_personal, load_arrays, select, to_record
+from hfz_app.config import ConfigError
 from hfz_app.methods.base import Method
+from hfz_app.models.common import personal_buffer_keys
 
 EVAL_BATCH = 512
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``run.device`` on this machine: ``auto`` is CUDA if available, else MPS where present,
+    else the CPU; a device the machine lacks is a one-line ConfigError."""
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"run.device: {spec!r} asked for, but this machine has no CUDA "
+                              f"device torch can use (torch {torch.__version__}); use auto or cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"run.device: {spec!r} asked for, but this machine has "
+                              f"{torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"run.device: {spec!r} asked for, but MPS is not available here")
+    return device
 
 
 @dataclass
@@ -72,6 +95,10 @@ class MethodRuntime:
     def shared_keys(self) -> list[str]:
         return list(self.shared_reference())
 
+    def batchnorm_keys(self) -> list[str]:
+        """Every BatchNorm buffer of the model ([] for a model without BatchNorm)."""
+        return personal_buffer_keys(self.build(), "local")
+
     def initial_arrays(self) -> ArrayRecord:
         """What the server starts from."""
         return to_record(self.shared_reference())
@@ -107,6 +134,34 @@ class MethodRuntime:
         return to_record(select(model, self.method.shared_keys(model)))
 
     # -- evaluation -----------------------------------------------------------------------------
+
+    def adapt_heldout(self, model: nn.Module, x: torch.Tensor) -> None:
+        """``eval.heldout_adapt``: with ``adabn``, BatchNorm statistics re-estimated from a
+        held-out client's unlabelled inputs ``x`` (one pass, cumulative average, no gradient);
+        ``none``, or a model without BatchNorm: nothing changes."""
+        norms = [m for m in model.modules()
+                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+        if self.method.cfg.eval.heldout_adapt != "adabn" or not norms:
+            return
+        saved = [(m, m.momentum, m.training) for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # the plain average over every batch
+            m.train()
+        with torch.no_grad():
+            x_dev = x.to(self.device)
+            predict = self.method.predictor(model, x_dev, True)
+            for start in range(0, len(x_dev), EVAL_BATCH):
+                predict(x_dev[start : start + EVAL_BATCH])
+        for m, momentum, training in saved:
+            m.momentum = momentum
+            m.train(training)
+
+    def evaluate_heldout(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                         tags: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """zACC on a held-out client: :meth:`adapt_heldout`, then :meth:`evaluate`."""
+        self.adapt_heldout(model, x)
+        return self.evaluate(model, x, y, zeroshot=True, tags=tags)
 
     def evaluate(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, zeroshot: bool,
                  diagnostics: bool = True, tags: Mapping[str, Any] | None = None

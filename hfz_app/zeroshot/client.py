@@ -36,6 +36,6 @@ def handle_zeroshot(msg: Message, context: Context) -> Message:
         raise RuntimeError(f"participant (partition {partition}) received a zero-shot message")
     data = job.node_data(context.node_config, partition, heldout)
     model = job.runtime.frozen(msg.content["arrays"], "the checkpoint's arrays")
-    metrics = job.runtime.evaluate(model, data.test_x, data.test_y, zeroshot=True,
-                                   tags={"partition-id": partition})
+    metrics = job.runtime.evaluate_heldout(model, data.test_x, data.test_y,
+                                           tags={"partition-id": partition})
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

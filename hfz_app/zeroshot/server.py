@@ -48,8 +48,8 @@ OWN_KEYS: dict[str, Any] = {
     "timeout-s": "",      # default: the checkpoint's server.timeout_s
 }
 # Overrides of the checkpoint's config that do not change the model.
-OVERRIDABLE_PREFIXES = ("data.",)
-OVERRIDABLE_KEYS = ("train.torch_threads",)
+OVERRIDABLE_PREFIXES = ("data.", "eval.")
+OVERRIDABLE_KEYS = ("train.torch_threads", "run.device")
 
 
 def overridable_keys() -> list[str]:
@@ -128,7 +128,8 @@ def plan_zeroshot(run_config: Mapping[str, Any]) -> ZeroShotPlan:
     if unknown:
         raise ZeroShotError(
             f"{unknown[0]}: not a zero-shot run-config key (keys: {', '.join(OWN_KEYS)}, and "
-            f"data.* / train.torch_threads overrides of the checkpoint's config)")
+            f"data.* / eval.* / train.torch_threads / run.device overrides of the checkpoint's "
+            f"config)")
     own = OWN_KEYS | {k: v for k, v in run_config.items() if k in OWN_KEYS}
     overrides = {k: v for k, v in run_config.items() if k in allowed and _set(v)}
     if _set(own["seed"]):
