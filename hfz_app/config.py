@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import tomllib
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-
-import tomllib
 
 import yaml
 

@@ -54,7 +54,7 @@ def test_shared_statistics_are_the_sample_weighted_average(tmp_path, method) -> 
 
 def test_local_statistics_never_leave_the_participants(tmp_path, capsys) -> None:
     replies, ckpt = run(tmp_path, **{"run.method": "fedavg", "model.bn_stats": "local"})
-    sent = {k for r in replies for rec in r.content.array_records.values() for k in rec.keys()}
+    sent = {k for r in replies for rec in r.content.array_records.values() for k in rec}
     assert sent and not {k for k in sent if "running_" in k or "num_batches" in k}
     assert not {k for k in ckpt.shared if "running_" in k}
     assert "model.bn_stats=local): gACC uses the initial statistics" in capsys.readouterr().out

@@ -14,8 +14,8 @@ import torch
 from hfz_app import export
 from hfz_app.checkpoint import load_checkpoint, save_checkpoint
 from hfz_app.data import build_federation
-from hfz_app.models import build_target
 from hfz_app.methods import runtime_for
+from hfz_app.models import build_target
 from hfz_app.zeroshot.checkpoint_config import checkpoint_config
 
 N = 3  # the tiny preset's participants; partition N is its held-out client

@@ -9,8 +9,8 @@ from flwr.app import MessageType
 from client_app import app as client_app
 from hfz_app.config import load_config
 from hfz_app.data import DataSourceError, build_federation
-from hfz_app.federation.job import job_for
 from hfz_app.federation.inprocess import full_run_config, run_inprocess, simulation_node_configs
+from hfz_app.federation.job import job_for
 from server_app import app as server_app
 
 

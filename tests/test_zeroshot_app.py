@@ -25,6 +25,7 @@ sys.path.insert(0, str(APP_DIR))  # the app's modules are top-level, as in its F
 
 import zeroshot_client_app
 import zeroshot_server_app
+
 from client_app import app as client_app
 
 N, M = 3, 1

@@ -92,9 +92,8 @@ def plot_heatmap(federation: Federation, counts: np.ndarray, path: Path) -> None
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hfz_app.config import ConfigError, load_config
+    from hfz_app.config import ConfigError, load_config, parse_overrides
     from hfz_app.data.federation import build_federation
-    from hfz_app.config import parse_overrides
     from hfz_app.outputs import resolve_output_root
 
     parser = argparse.ArgumentParser(prog="python -m hfz_app.data.describe",

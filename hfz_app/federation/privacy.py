@@ -27,7 +27,6 @@ import math
 from collections.abc import Iterable, Iterator
 
 import numpy as np
-
 from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable

@@ -23,7 +23,7 @@ import inspect
 import logging
 import random
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from flwr.app import (
@@ -264,7 +264,7 @@ class SharedKeys:
     # -- server optimiser state, for checkpoints -------------------------------------------------
 
     # checkpoint name -> (attribute of the Flower strategy, held as a list in key order?)
-    _SERVER_STATE = {"velocity": ("momentum_vector", True), "fedadam_m": ("m_t", False),
+    _SERVER_STATE: ClassVar[dict[str, tuple[str, bool]]] = {"velocity": ("momentum_vector", True), "fedadam_m": ("m_t", False),
                      "fedadam_v": ("v_t", False)}
 
     def server_state(self) -> dict[str, dict[str, np.ndarray]]:

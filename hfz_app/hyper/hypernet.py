@@ -31,48 +31,12 @@ from __future__ import annotations
 import itertools
 import math
 from abc import ABC, abstractmethod
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from hfz_app.hyper.layers import Factorised, LayerSpec, Materialised, row_hidden
-
-
-def build_hypernetwork(
-    layout: str,
-    specs: list[LayerSpec],
-    embed_dim: int,
-    *,
-    hidden: tuple[int, ...] = (64,),
-    chunk_embed_dim: int = 8,
-    chunk_size: int = 256,
-    residual: bool = False,
-    probe_size: int = 64,
-    input_transform: str = "prob",
-) -> ChunkedHypernetwork:
-    """The hypernetwork for ``model.chunk_layout``; the one place that names the layouts."""
-    if layout == "row":
-        return RowChunkedHypernetwork(
-            specs,
-            embed_dim,
-            hidden=hidden,
-            chunk_embed_dim=chunk_embed_dim,
-            residual=residual,
-            probe_size=probe_size,
-            input_transform=input_transform,
-        )
-    if layout == "flat":
-        return FlatChunkedHypernetwork(
-            specs,
-            embed_dim,
-            hidden=hidden,
-            chunk_embed_dim=chunk_embed_dim,
-            chunk_size=chunk_size,
-            residual=residual,
-            probe_size=probe_size,
-            input_transform=input_transform,
-        )
-    raise ValueError(f"model.chunk_layout: expected row or flat, got {layout!r}")
 
 
 class ChunkedHypernetwork(nn.Module, ABC):
@@ -295,3 +259,20 @@ def _calibrate(layer: nn.Linear, hid: Tensor, parts: list[tuple[int, int, float]
         factor = (var / got.clamp_min(1e-12)) ** 0.5 if var > 0 else 0.0
         layer.weight[lo:hi] *= factor
         layer.bias[lo:hi] *= factor
+
+
+LAYOUTS: dict[str, type[ChunkedHypernetwork]] = {
+    "row": RowChunkedHypernetwork, "flat": FlatChunkedHypernetwork}
+
+
+def build_hypernetwork(layout: str, specs: list[LayerSpec], embed_dim: int, *,
+                       chunk_size: int = 256, **kwargs: Any) -> ChunkedHypernetwork:
+    """The hypernetwork for ``model.chunk_layout`` (``kwargs``: the layouts' shared arguments;
+    ``chunk_size`` only matters to ``flat``); the one place that names the layouts."""
+    try:
+        cls = LAYOUTS[layout]
+    except KeyError:
+        raise ValueError(f"model.chunk_layout: expected row or flat, got {layout!r}") from None
+    if cls is FlatChunkedHypernetwork:
+        kwargs["chunk_size"] = chunk_size
+    return cls(specs, embed_dim, **kwargs)

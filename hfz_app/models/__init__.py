@@ -61,7 +61,7 @@ __all__ = [
     "LeNetS",
     "ZenkeNet",
     "build_target",
-    "target_factory",
     "resnet20",
     "resnet32",
+    "target_factory",
 ]

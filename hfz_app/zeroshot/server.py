@@ -31,8 +31,8 @@ from hfz_app.config import Config, run_config_keys
 from hfz_app.evaluation.metrics import summarise_evaluation
 from hfz_app.federation.roles import ZEROSHOT_MESSAGE_TYPE, discover_roles
 from hfz_app.outputs import RunOutputs, resolve_output_root
-from hfz_app.zeroshot.client import CONFIG_JSON_KEY, CONFIG_RECORD, NUM_PARTICIPANTS_KEY
 from hfz_app.zeroshot.checkpoint_config import ZeroShotError, checkpoint_config, config_to_json
+from hfz_app.zeroshot.client import CONFIG_JSON_KEY, CONFIG_RECORD, NUM_PARTICIPANTS_KEY
 
 log = logging.getLogger("hfz_app")
 
