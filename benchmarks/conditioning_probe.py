@@ -11,15 +11,9 @@ al. 2002, training prior taken as uniform), still label-free: does a better prio
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
-from benchmarks.harness import accuracy, em_prior
-from hfz_app.checkpoint import load_checkpoint
-from hfz_app.config import from_dict
-from hfz_app.data import build_federation
-from hfz_app.methods import runtime_for
+from benchmarks.harness import accuracy, checkpoint_probe, em_prior
 
 # EM steps from the training prior: the EM-refined column of docs/RECIPE.md was measured with 11
 # (ten after a first step that averages the posteriors as they are).
@@ -28,15 +22,8 @@ EM_STEPS = 11
 
 @torch.no_grad()
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", required=True)
-    args = parser.parse_args()
-
-    ckpt = load_checkpoint(args.checkpoint)
-    cfg = from_dict(ckpt.config)
-    fed = build_federation(cfg.data, cfg.run.seed)
-    runtime = runtime_for(cfg, fed.input_shape, fed.num_classes)
-    method, model = runtime.method, runtime.frozen(ckpt.shared, f"checkpoint {args.checkpoint}")
+    cfg, fed, runtime, model = checkpoint_probe(__doc__.split("\n")[0])
+    method = runtime.method
     heldout = [fed.client(p) for p in range(cfg.data.num_participants,
                                              cfg.data.num_participants + cfg.data.num_heldout)]
     pooled = [model.pooled_embedding(c.test_x) for c in heldout]

@@ -84,6 +84,26 @@ def em_prior(posteriors, train_prior=None, iterations: int = 100):
     return prior
 
 
+def checkpoint_probe(description: str, argv: list[str] | None = None):
+    """For the probes that evaluate a trained checkpoint (``--checkpoint PATH``): its Config,
+    federation, method runtime and frozen model (what a held-out client runs)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--checkpoint", required=True)
+    path = parser.parse_args(argv).checkpoint
+    from hfz_app.checkpoint import load_checkpoint
+    from hfz_app.config import from_dict
+    from hfz_app.data import build_federation
+    from hfz_app.methods import runtime_for
+
+    ckpt = load_checkpoint(path)
+    cfg = from_dict(ckpt.config)
+    fed = build_federation(cfg.data, cfg.run.seed)
+    runtime = runtime_for(cfg, fed.input_shape, fed.num_classes)
+    return cfg, fed, runtime, runtime.frozen(ckpt.shared, f"checkpoint {path}")
+
+
 def parse_variants(specs: Iterable[str], default: str = "") -> dict[str, dict[str, Any]]:
     """``--variant NAME=k=v,k=v`` options -> {NAME: overrides}; none: one variant ``default``
     without overrides."""

@@ -13,26 +13,14 @@ the client's unlabelled inputs with EM (Saerens et al. 2002) -- what a label-fre
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
-from benchmarks.harness import accuracy, em_prior
-from hfz_app.checkpoint import load_checkpoint
-from hfz_app.config import from_dict
-from hfz_app.data import build_federation
-from hfz_app.methods import runtime_for
+from benchmarks.harness import accuracy, checkpoint_probe, em_prior
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", required=True)
-    args = parser.parse_args()
-    ckpt = load_checkpoint(args.checkpoint)
-    cfg = from_dict(ckpt.config)
-    fed = build_federation(cfg.data, cfg.run.seed)
-    runtime = runtime_for(cfg, fed.input_shape, fed.num_classes)
-    method, model = runtime.method, runtime.frozen(ckpt.shared, f"checkpoint {args.checkpoint}")
+    cfg, fed, runtime, model = checkpoint_probe(__doc__.split("\n")[0])
+    method = runtime.method
     counts = torch.zeros(fed.num_classes)
     for pid in range(cfg.data.num_participants):
         counts += torch.bincount(fed.client(pid).train_y, minlength=fed.num_classes)
