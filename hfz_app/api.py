@@ -2,7 +2,7 @@
 
 Server side, the strategy only ever holds the *shared* arrays; client side, a node loads them into
 its model, trains, and sends back exactly those keys, keeping its personal arrays (BatchNorm
-running statistics) in ``context.state``. These helpers make that a one-line change each::
+buffers that option ``bn_stats`` keeps local) in ``context.state``. These helpers make that a one-line change each::
 
     model = hyperfedzero(Net(), input_shape=(1, 28, 28), num_classes=10)   # was: Net()
     load_shared(model, msg.content["arrays"], context.state)   # was: model.load_state_dict(...)
@@ -119,8 +119,9 @@ def _check_model(model: nn.Module, caller: str) -> HyperFedZeroModel:
 def shared_arrays(model: nn.Module, state: RecordDict | None = None) -> ArrayRecord:
     """The arrays to send: exactly ``model.shared_keys()``.
 
-    With ``state`` (a ClientApp's ``context.state``), the personal arrays (BatchNorm running
-    statistics) are stored there for the next round instead of being sent.
+    With ``state`` (a ClientApp's ``context.state``), the personal arrays (BatchNorm buffers
+    that ``bn_stats`` keeps local: the step counter, or with ``local`` the statistics too) are stored
+    there for the next round instead of being sent.
     """
     hfz = _check_model(model, "shared_arrays")
     if state is not None:

@@ -121,7 +121,8 @@ def test_loss_is_hfz_loss_and_refuses_bare_logits() -> None:
 
 
 def test_shared_arrays_round_trip_and_personal_state_stays_local() -> None:
-    sender, receiver = wrapped(seed=0), wrapped(seed=1)
+    # FedBN: the BatchNorm statistics are personal (the default, shared, sends them)
+    sender, receiver = wrapped(seed=0, bn_stats="local"), wrapped(seed=1, bn_stats="local")
     sender.train()
     sender(torch.randn(8, 1, 8, 8))  # moves the BatchNorm running statistics
     state = RecordDict()
@@ -140,8 +141,15 @@ def test_shared_arrays_round_trip_and_personal_state_stays_local() -> None:
     assert torch.equal(receiver.state_dict()[bn_mean], want[bn_mean])
 
 
-def test_load_shared_names_a_foreign_or_missing_key() -> None:
+def test_shared_batchnorm_statistics_travel_and_the_step_counter_stays() -> None:
     model = wrapped()
+    shared, personal = set(model.shared_keys()), set(model.personal_keys())
+    assert {"target.bn.running_mean", "target.bn.running_var"} <= shared
+    assert personal == {"target.bn.num_batches_tracked"}
+
+
+def test_load_shared_names_a_foreign_or_missing_key() -> None:
+    model = wrapped(bn_stats="local")
     sd = model.state_dict()
     bn_mean = next(k for k in model.personal_keys() if k.endswith("running_mean"))
     foreign = ArrayRecord({k: sd[k] for k in [*model.shared_keys(), bn_mean]})
@@ -152,7 +160,7 @@ def test_load_shared_names_a_foreign_or_missing_key() -> None:
     missing = ArrayRecord({k: sd[k] for k in model.shared_keys()[1:]})
     with pytest.raises(ValueError, match=rf"^load_shared: '{re.escape(first)}' is missing"):
         load_shared(model, missing)
-    other = wrapped(embed_dim=8)  # same module, other options: same keys, other shapes
+    other = wrapped(embed_dim=8, bn_stats="local")  # other options: same keys, other shapes
     with pytest.raises(ValueError, match=r"^load_shared: '.*' has shape \[.*\], expected \["):
         load_shared(model, shared_arrays(other))
     with pytest.raises(TypeError, match="wrap your module with hyperfedzero"):
