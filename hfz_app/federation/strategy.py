@@ -208,6 +208,10 @@ class SharedKeys:
         replies = list(replies)
         kept = []
         for msg in replies:
+            if msg.has_error():  # e.g. a node lost mid-round (Flower: "Node Unavailable")
+                log.warning("round reply from node %s failed: %s", msg.metadata.src_node_id,
+                            msg.error.reason)
+                continue
             problem = self._reply_problem(msg)
             if problem:
                 log.warning("dropped reply from node %s: %s", msg.metadata.src_node_id, problem)
@@ -227,9 +231,7 @@ class SharedKeys:
         return kept
 
     def _reply_problem(self, msg: Message) -> str:
-        """Why a train reply cannot be averaged ("" if it can)."""
-        if msg.has_error():
-            return f"failed: {msg.error.reason}"
+        """Why a train reply without an error cannot be averaged ("" if it can)."""
         content, key = msg.content, self.arrayrecord_key  # type: ignore[attr-defined]
         if len(content.array_records) != 1 or key not in content.array_records:
             return f"expected one ArrayRecord '{key}'"
