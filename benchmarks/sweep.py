@@ -316,11 +316,11 @@ def data_unavailable(preset: str, overrides: Mapping[str, Any]) -> str | None:
     else None (a run that failed for another reason is a failure, not a skip)."""
     from hfz_app.config import ConfigError, load_config
     from hfz_app.data import DataSourceError
-    from hfz_app.data.sources import load_dataset
+    from hfz_app.data.sources import load_data
 
     try:
         cfg = load_config(preset, dict(overrides))
-        load_dataset(cfg.data.dataset, cfg.data.data_dir)
+        load_data(cfg.data)
     except DataSourceError as err:
         return str(err)
     except ConfigError:

@@ -73,6 +73,9 @@ class DataSection:
 
     dataset: str = "mnist"
     data_dir: str = ""  # local folder for the `folder` source; empty: the dataset's default
+    # true: generated data of the dataset's input shape and class count instead of the dataset
+    # (offline, no download): checks that a preset runs end to end; its accuracies mean nothing
+    synthetic: bool = False
     num_participants: int = field(default=10, metadata=_check(min=1))
     num_heldout: int = field(default=5, metadata=_check(min=0))
     alpha_dir: float = field(default=0.3, metadata=_check(gt=0))

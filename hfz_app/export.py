@@ -124,9 +124,9 @@ def export(
         x, y = load_data_file(data_file)
         input_shape = tuple(x.shape[1:])
         if num_classes is None:
-            from hfz_app.data.sources import load_dataset
+            from hfz_app.data.sources import load_data
 
-            num_classes = load_dataset(cfg.data.dataset, cfg.data.data_dir).num_classes
+            num_classes = load_data(cfg.data).num_classes
         classes = num_classes
         source = {"data": str(data_file)}
     runtime = runtime_for(cfg, tuple(input_shape), classes)

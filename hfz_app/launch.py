@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from hfz_app.config import ConfigError, load_config, parse_overrides
-from hfz_app.data import DataSourceError, build_federation, load_dataset
+from hfz_app.data import DataSourceError, build_federation, load_data
 from hfz_app.data.describe import describe
 from hfz_app.federation.job import PLAN_CACHE_ENV
 from hfz_app.methods import get_method, resolve_device
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
             get_method(cfg.run.method)  # names the registries own: one line, before Flower
             target_factory(cfg.model.target)
         resolve_device(cfg.run.device)  # a GPU asked for where there is none: before Flower
-        load_dataset(cfg.data.dataset, cfg.data.data_dir)  # a missing source: before Flower
+        load_data(cfg.data)  # a missing source (or stand-in): before Flower
     except (ConfigError, DataSourceError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

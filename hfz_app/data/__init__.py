@@ -7,6 +7,7 @@ from hfz_app.data.sources import (
     DataSourceError,
     available_sources,
     cache_dir,
+    load_data,
     load_dataset,
     register_source,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "build_federation",
     "cache_dir",
     "draw_shift",
+    "load_data",
     "load_dataset",
     "register_source",
 ]

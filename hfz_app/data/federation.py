@@ -26,7 +26,7 @@ import torch
 
 from hfz_app.config import DataSection, ShiftSection
 from hfz_app.data.shift import apply_shift, draw_shift
-from hfz_app.data.sources import DatasetArrays, DataSourceError, load_dataset, load_folder
+from hfz_app.data.sources import DatasetArrays, DataSourceError, load_data, load_folder
 
 # Keep every client's tensors when the whole float32 train split fits in this; else a few.
 CLIENT_CACHE_BYTES = 2 * 2**30
@@ -341,6 +341,6 @@ def _build_cached(cfg_json: str, seed: int, plan_cache: str | None) -> Federatio
     tree = json.loads(cfg_json)
     shift = tree.pop("shift")
     cfg = DataSection(**tree, shift=ShiftSection(**shift))
-    arrays = load_dataset(cfg.dataset, cfg.data_dir)
+    arrays = load_data(cfg)  # data.synthetic: the dataset's generated stand-in
     train_rows, test_rows = cached_plan_rows(arrays.y_train, cfg, seed, plan_cache)
     return Federation(arrays, cfg, seed, train_rows, test_rows)

