@@ -163,6 +163,9 @@ class TrainSection:
     # the client's classes (0: plain shuffled batches). See hfz_app.training.batch_indices. Used
     # by methods that condition on the batch (HyperFedZero); baselines ignore it.
     prior_alpha: float = field(default=0.0, metadata=_check(min=0))
+    # Mixed precision on CUDA: forward and loss under bfloat16 autocast (no loss scaling needed).
+    # Ignored on the CPU and MPS, so CPU results never depend on it. Evaluation stays float32.
+    amp: bool = False
 
 
 @dataclass

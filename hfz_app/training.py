@@ -49,6 +49,12 @@ def batch_indices(
     return batches
 
 
+def autocast(device: torch.device, enabled: bool):
+    """``train.amp``: bfloat16 autocast of forward and loss on CUDA; a no-op elsewhere (so CPU
+    results are the same with or without it)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+
+
 def make_optimizer(groups: list[dict], cfg: TrainSection) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
         return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -67,9 +73,11 @@ def train_epochs(
     generator: torch.Generator,
     after_step: Callable[[], None] | None = None,
     prior_alpha: float = 0.0,
+    amp: bool = False,
 ) -> dict[str, float]:
     """Minibatch training; returns the sample-weighted mean of the loss and its named parts.
-    ``prior_alpha``: label-prior augmentation of the batches (see :func:`batch_indices`).
+    ``prior_alpha``: label-prior augmentation of the batches (see :func:`batch_indices`);
+    ``amp``: :func:`autocast` of forward and loss (CUDA only).
 
     ``x`` and ``y`` may live on an accelerator; batch indices are drawn on the CPU (the same
     batches on every device), and the sums stay on the device in float64 until the end, so a step
@@ -80,7 +88,8 @@ def train_epochs(
     labels = y.cpu()
     for _ in range(epochs):
         for idx in batch_indices(labels, batch_size, generator, prior_alpha):
-            loss, parts = loss_fn(model, x[idx], y[idx])
+            with autocast(x.device, amp):
+                loss, parts = loss_fn(model, x[idx], y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -274,3 +274,20 @@ def test_run_training_in_this_process_and_in_a_fresh_one(tmp_path):
                                     for r in here.rows] == \
         [{k: v for k, v in r.items() if k not in timing} for r in fresh.rows]
     assert harness.run_folder(tmp_path, "t") == tmp_path / "t-2"
+
+
+def test_gpu_check_refuses_a_missing_gpu_in_one_line_and_times_every_step(capsys):
+    """benchmarks.gpu_check's parts on the CPU: a GPU asked for where torch sees none is one line
+    and exit 2; the step timers cover the plain target and the recipe and time real steps."""
+    import torch
+
+    from benchmarks import gpu_check
+
+    if not torch.cuda.is_available():
+        assert gpu_check.main(["--device", "cuda"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: --device cuda: torch")
+    assert gpu_check.main(["--device", "cpu", "--targets", "mlp,vgg"]) == 2
+    timers = gpu_check.step_times([torch.device("cpu")], ["mlp"], batch=8, steps=1, repeats=2)
+    assert [t.label for t in timers] == ["mlp fedavg", "mlp hyperfedzero"]
+    assert all(len(t.ms) == 2 and min(t.ms) > 0 for t in timers)

@@ -88,6 +88,7 @@ class Method:
             model, loss, x, y, optimizer,
             epochs=train.local_epochs, batch_size=train.batch_size, generator=generator,
             prior_alpha=train.prior_alpha if self.uses_label_prior_batches else 0.0,
+            amp=train.amp,
         )
 
     # -- prediction -----------------------------------------------------------------------------

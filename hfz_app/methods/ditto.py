@@ -37,7 +37,7 @@ class DittoMethod(PersonalisedMethod):
         shared_opt = make_optimizer([{"params": list(model.shared.parameters())}], train)
         metrics = train_epochs(model.shared, cross_entropy, x, y, shared_opt,
                                epochs=train.local_epochs, batch_size=train.batch_size,
-                               generator=generator)
+                               generator=generator, amp=train.amp)
 
         def personal_loss(m: nn.Module, xb: torch.Tensor, yb: torch.Tensor):
             ce = nn.functional.cross_entropy(m(xb), yb)
@@ -48,6 +48,6 @@ class DittoMethod(PersonalisedMethod):
                                        lr=ditto.personal_lr or train.lr, momentum=train.momentum)
         personal = train_epochs(model.personal, personal_loss, x, y, personal_opt,
                                 epochs=ditto.personal_epochs, batch_size=train.batch_size,
-                                generator=generator)
+                                generator=generator, amp=train.amp)
         return metrics | {"train_personal_loss": personal["train_loss"],
                           "train_personal_ce": personal["train_personal_ce"]}

@@ -10,6 +10,7 @@ from torch import nn
 
 from hfz_app.methods.fedprox import proximal_term
 from hfz_app.methods.personal import PersonalisedMethod
+from hfz_app.training import autocast
 
 
 class PFedMeMethod(PersonalisedMethod):
@@ -46,7 +47,8 @@ class PFedMeMethod(PersonalisedMethod):
                 idx = order[start : start + train.batch_size]
                 anchor = [p.detach() for p in w_params]
                 for _ in range(cfg.inner_steps):
-                    ce = nn.functional.cross_entropy(theta(x[idx]), y[idx])
+                    with autocast(x.device, train.amp):
+                        ce = nn.functional.cross_entropy(theta(x[idx]), y[idx])
                     loss = ce + 0.5 * cfg.lam * proximal_term(theta, anchor)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
