@@ -293,3 +293,44 @@ def test_a_missing_mirror_copy_is_one_line(mirror):
     assert one_line(err) == (f"svhn: {hub.MIRROR_ENV} has no copy of ufldl-stanford/svhn "
                              f"(no folder {mirror / 'ufldl-stanford/svhn'})")
 
+
+
+def idx_gz(array: np.ndarray) -> bytes:
+    import gzip
+    import struct
+
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim)
+    header += b"".join(struct.pack(">I", d) for d in array.shape)
+    return gzip.compress(header + array.astype(np.uint8).tobytes())
+
+
+def test_emnist_balanced_decodes_from_a_replica_of_its_idx_repository(mirror):
+    """Royc30ne/emnist-balanced holds the official idx files (images transposed) and the
+    mapping file; the loader transposes back and names the 47 classes by their characters."""
+    spec = hub.HUB_IDX_SOURCES["emnist_balanced"]
+    repo = mirror / spec.repo
+    repo.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    mnist_oriented = {s: rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+                      for s, n in ROWS.items()}
+    labels_of = {s: rng.integers(0, 47, n).astype(np.uint8) for s, n in ROWS.items()}
+    files = spec.files()
+    for split in ROWS:
+        (repo / files[f"x_{split}"]).write_bytes(idx_gz(mnist_oriented[split].transpose(0, 2, 1)))
+        (repo / files[f"y_{split}"]).write_bytes(idx_gz(labels_of[split]))
+    chars = [str(d) for d in range(10)] + [chr(c) for c in range(65, 91)] + list("abdefghnqrt")
+    (repo / files["mapping"]).write_text("".join(f"{i} {ord(c)}\n" for i, c in enumerate(chars)))
+
+    data = load_dataset("emnist_balanced")
+    assert data.x_train.shape == (ROWS["train"], 1, 28, 28) and data.num_classes == 47
+    assert np.array_equal(data.x_test[:, 0], mnist_oriented["test"])  # transposed back
+    assert data.y_train.tolist() == labels_of["train"].tolist()
+    assert data.class_names[:3] == ("0", "1", "2") and data.class_names[-1] == "t"
+
+    (repo / files["mapping"]).write_text("0 48\n1 49\n")  # a mapping of another split
+    load_dataset.cache_clear()
+    sources.shutil.rmtree(sources.array_cache_path("emnist_balanced"))
+    with pytest.raises(DataSourceError) as err:
+        load_dataset("emnist_balanced")
+    assert one_line(err) == ("emnist_balanced: emnist-balanced-mapping.txt maps labels 0..1 (2), "
+                             "expected 0..46")

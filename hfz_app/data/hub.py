@@ -13,6 +13,7 @@ with the hub's layout) instead of the hub: for offline clusters and for the repl
 
 from __future__ import annotations
 
+import functools
 import os
 import urllib.error
 import urllib.request
@@ -172,6 +173,85 @@ def load_hub(name: str, spec: HubSpec) -> DatasetArrays:
     return arrays_from_parts(name, parts, {k: f"{spec.repo}[{k}]" for k in parts}, names)
 
 
+@dataclass(frozen=True)
+class HubIdxSpec:
+    """A repository holding a split's official idx files (EMNIST's distribution format):
+    ``<prefix>-{train,test}-{images-idx3,labels-idx1}-ubyte.gz`` and ``<prefix>-mapping.txt``
+    (``label ascii-code`` per line). EMNIST's idx images are stored transposed."""
+
+    repo: str
+    prefix: str
+    num_classes: int
+    note: str = ""
+    shape: tuple[int, int, int] = (1, 28, 28)
+
+    @property
+    def where(self) -> str:
+        return self.repo
+
+    def files(self) -> dict[str, str]:
+        return {"x_train": f"{self.prefix}-train-images-idx3-ubyte.gz",
+                "y_train": f"{self.prefix}-train-labels-idx1-ubyte.gz",
+                "x_test": f"{self.prefix}-test-images-idx3-ubyte.gz",
+                "y_test": f"{self.prefix}-test-labels-idx1-ubyte.gz",
+                "mapping": f"{self.prefix}-mapping.txt"}
+
+
+HUB_IDX_SOURCES = {
+    "emnist_balanced": HubIdxSpec("Royc30ne/emnist-balanced", "emnist-balanced", 47,
+                                  note="EMNIST balanced, 47 classes, 112,800 / 18,800"),
+}
+
+
+def _download(name: str, spec: HubIdxSpec, filename: str) -> Path:
+    """One file of ``spec.repo``: from the mirror, or downloaded (and cached) from the hub."""
+    local = mirror_path(spec.repo)
+    if local is not None:
+        if not (local / filename).is_file():
+            raise DataSourceError(f"{name}: {MIRROR_ENV} copy of {spec.repo} lacks {filename}")
+        return local / filename
+    why = hub_reachable()
+    if why is not None:
+        raise DataSourceError(
+            f"{name}: needs internet to download {spec.repo} from the Hugging Face hub ({why}); "
+            f"offline, fetch it on a machine with internet (`python -m hfz_app.data fetch "
+            f"{name}`, then `export`/`import`)")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(hf_hub_download(spec.repo, filename, repo_type="dataset"))
+    except (EntryNotFoundError, RepositoryNotFoundError) as err:
+        raise DataSourceError(f"{name}: {spec.repo} has no file {filename} "
+                              f"({type(err).__name__})") from None
+
+
+def load_hub_idx(name: str, spec: HubIdxSpec) -> DatasetArrays:
+    """The split's idx files, checked and decoded (images transposed back to MNIST's
+    orientation); class names from the mapping file's character codes."""
+    from hfz_app.data.sources import read_idx
+
+    paths = {role: _download(name, spec, f) for role, f in spec.files().items()}
+    parts = {role: read_idx(path) for role, path in paths.items() if role != "mapping"}
+    for role in ("x_train", "x_test"):
+        if parts[role].ndim != 3 or parts[role].shape[1:] != spec.shape[1:]:
+            raise DataSourceError(f"{name}: {paths[role].name} holds images of shape "
+                                  f"{parts[role].shape[1:]}, expected {spec.shape[1:]}")
+        parts[role] = parts[role].transpose(0, 2, 1)
+    try:
+        rows = [line.split() for line in paths["mapping"].read_text().splitlines() if line]
+        codes = {int(label): chr(int(code)) for label, code in rows}
+    except ValueError:
+        raise DataSourceError(f"{name}: {paths['mapping'].name}: expected lines "
+                              f"'<label> <character code>'") from None
+    if sorted(codes) != list(range(spec.num_classes)):
+        raise DataSourceError(f"{name}: {paths['mapping'].name} maps labels "
+                              f"{min(codes)}..{max(codes)} ({len(codes)}), expected "
+                              f"0..{spec.num_classes - 1}")
+    names = tuple(codes[i] for i in range(spec.num_classes))
+    return arrays_from_parts(name, parts, {k: str(paths[k]) for k in parts}, names)
+
+
 def _hub_loader(name: str, spec: HubSpec):
     return lambda data_dir="": load_hub(name, spec)
 
@@ -184,6 +264,15 @@ def register_hub_sources() -> None:
                         help=f"{spec.note} from the Hugging Face hub {spec.where} "
                              f"(needs internet once)",
                         shape=spec.shape, num_classes=spec.num_classes)
+    for name, idx_spec in HUB_IDX_SOURCES.items():
+        register_source(name, functools.partial(_idx_loader, name, idx_spec), online=True,
+                        help=f"{idx_spec.note}: idx files from the Hugging Face hub "
+                             f"{idx_spec.repo} (needs internet once)",
+                        shape=idx_spec.shape, num_classes=idx_spec.num_classes)
+
+
+def _idx_loader(name: str, spec: HubIdxSpec, data_dir: str = "") -> DatasetArrays:
+    return load_hub_idx(name, spec)
 
 
 register_hub_sources()
