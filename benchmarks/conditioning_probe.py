@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.harness import accuracy, checkpoint_probe, em_prior
+from benchmarks.harness import accuracy, checkpoint_probe
+from hfz_app.evaluation.prior import em_prior
 
 # EM steps from the training prior: the EM-refined column of docs/RECIPE.md was measured with 11
 # (ten after a first step that averages the posteriors as they are).

@@ -69,21 +69,6 @@ def accuracy(logits, y) -> float:
     return float((logits.argmax(1) == y).float().mean())
 
 
-def em_prior(posteriors, train_prior=None, iterations: int = 100):
-    """Saerens, Latinne & Decaestecker (2002): EM re-estimate of a client's label prior from the
-    posteriors [n, k] a model gives its unlabelled inputs under ``train_prior`` (default
-    uniform). Starts from the training prior; each step reweights the posteriors by
-    prior / train_prior, renormalises them per input and averages them over the inputs."""
-    if train_prior is None:
-        train_prior = posteriors.new_full((posteriors.shape[1],), 1.0 / posteriors.shape[1])
-    prior = train_prior.clone()
-    for _ in range(iterations):
-        adjusted = posteriors * (prior / train_prior)
-        adjusted = adjusted / adjusted.sum(1, keepdim=True)
-        prior = adjusted.mean(0)
-    return prior
-
-
 def checkpoint_probe(description: str, argv: list[str] | None = None):
     """For the probes that evaluate a trained checkpoint (``--checkpoint PATH``): its Config,
     federation, method runtime and frozen model (what a held-out client runs)."""

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.harness import accuracy, checkpoint_probe, em_prior
+from benchmarks.harness import accuracy, checkpoint_probe
+from hfz_app.evaluation.prior import em_prior
 
 
 def main() -> None:

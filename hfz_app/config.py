@@ -172,9 +172,12 @@ class TrainSection:
 class EvalSection:
     """Evaluation on held-out clients, for every method alike."""
 
-    # "adabn": before evaluating, re-estimate BatchNorm statistics from the client's own unlabelled
-    # inputs in one no-gradient pass (AdaBN; no label, no gradient step: still zero-shot).
-    heldout_adapt: Literal["none", "adabn"] = "none"
+    # Label-free test-time steps on a held-out client before it is scored (no label, no gradient
+    # step: still zero-shot). "adabn": BatchNorm statistics re-estimated from the client's own
+    # unlabelled inputs in one pass (AdaBN). "em_prior": the client's label prior estimated by EM
+    # from its unlabelled inputs and the logits corrected to it (Saerens et al. 2002; training prior
+    # taken as uniform, hfz_app/evaluation/prior.py). "adabn+em_prior": both, in that order.
+    heldout_adapt: Literal["none", "adabn", "em_prior", "adabn+em_prior"] = "none"
 
 
 @dataclass

@@ -228,24 +228,6 @@ def test_a_table_filled_by_another_script_shows_that_scripts_command(tmp_path):
     assert "python -m benchmarks.heldout_alpha" in "\n".join(report.table_markdown(table))
 
 
-def test_em_prior_recovers_a_shifted_label_prior():
-    """Saerens et al.'s EM on the Bayes posteriors of two 1-D Gaussian classes: the test prior
-    from unlabelled inputs alone, whatever prior the posteriors were computed under."""
-    import torch
-
-    g = torch.Generator().manual_seed(0)
-    y = (torch.rand(20000, generator=g) < 0.2).long()  # test prior (0.8, 0.2)
-    x = torch.randn(20000, generator=g) + 2.0 * y  # class means 0 and 2
-    likelihood = torch.stack([-(x ** 2) / 2, -((x - 2.0) ** 2) / 2], 1).exp()
-    for train_prior in (None, torch.tensor([0.3, 0.7])):
-        weights = torch.full((2,), 0.5) if train_prior is None else train_prior
-        posteriors = likelihood * weights / (likelihood * weights).sum(1, keepdim=True)
-        est = harness.em_prior(posteriors, train_prior)
-        assert est.tolist() == pytest.approx([0.8, 0.2], abs=0.02)
-        assert harness.em_prior(posteriors, train_prior, iterations=0).tolist() == \
-            pytest.approx(weights.tolist())
-
-
 def test_variants_and_accuracy():
     assert harness.parse_variants([]) == {"": {}}
     assert harness.parse_variants([], default="default") == {"default": {}}

@@ -156,7 +156,7 @@ def run_server(grid: Grid, context: Context) -> RunOutputs:
           f"results -> {outputs.dir}", flush=True)
     if cfg.model.bn_stats == "local" and runtime.batchnorm_keys():
         heldout = ("their own, re-estimated from their inputs (eval.heldout_adapt=adabn)"
-                   if cfg.eval.heldout_adapt == "adabn" else "the initial ones too")
+                   if "adabn" in cfg.eval.heldout_adapt else "the initial ones too")
         print(f"BatchNorm statistics stay on each participant (model.bn_stats=local): gACC uses "
               f"the initial statistics; held-out clients use {heldout}", flush=True)
     roles = discover_roles(

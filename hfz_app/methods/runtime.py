@@ -17,6 +17,7 @@ from torch import nn
 
 from hfz_app.arrays import check_arrays, keep_personal, load_arrays, select, to_record
 from hfz_app.config import ConfigError
+from hfz_app.evaluation.prior import prior_shift
 from hfz_app.methods.base import Method
 from hfz_app.models.common import personal_buffer_keys
 
@@ -141,7 +142,7 @@ class MethodRuntime:
         ``none``, or a model without BatchNorm: nothing changes."""
         norms = [m for m in model.modules()
                  if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-        if self.method.cfg.eval.heldout_adapt != "adabn" or not norms:
+        if "adabn" not in self.heldout_steps() or not norms:
             return
         saved = [(m, m.momentum, m.training) for m in norms]
         for m in norms:
@@ -157,23 +158,48 @@ class MethodRuntime:
             m.momentum = momentum
             m.train(training)
 
+    def heldout_steps(self) -> tuple[str, ...]:
+        """``eval.heldout_adapt`` as its steps: (), ("adabn",), ("em_prior",) or both."""
+        mode = self.method.cfg.eval.heldout_adapt
+        return () if mode == "none" else tuple(mode.split("+"))
+
+    @torch.inference_mode()
+    def label_prior_shift(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``em_prior``: ``log q - log p_train`` for the logits, with ``q`` the label prior EM
+        estimates from the zero-shot posteriors on a held-out client's unlabelled inputs ``x``.
+        The training prior is taken as uniform: the paper's datasets are class-balanced, and a
+        held-out client cannot know the participants' label frequencies unless their label
+        histograms cross the network."""
+        model.eval()
+        x_dev = x.to(self.device)
+        predict = self.method.predictor(model, x_dev, True)
+        posteriors = torch.cat([predict(x_dev[start : start + EVAL_BATCH]).float().softmax(1)
+                                for start in range(0, len(x_dev), EVAL_BATCH)])
+        return prior_shift(posteriors)
+
     def evaluate_heldout(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                          tags: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """zACC on a held-out client: :meth:`adapt_heldout`, then :meth:`evaluate`."""
+        """zACC on a held-out client: ``eval.heldout_adapt``'s label-free steps (AdaBN, then the
+        EM label-prior correction), then :meth:`evaluate`."""
         self.adapt_heldout(model, x)
-        return self.evaluate(model, x, y, zeroshot=True, tags=tags)
+        shift = self.label_prior_shift(model, x) if "em_prior" in self.heldout_steps() else None
+        return self.evaluate(model, x, y, zeroshot=True, tags=tags, logit_shift=shift)
 
     def evaluate(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, zeroshot: bool,
-                 diagnostics: bool = True, tags: Mapping[str, Any] | None = None
-                 ) -> dict[str, Any]:
+                 diagnostics: bool = True, tags: Mapping[str, Any] | None = None,
+                 logit_shift: torch.Tensor | None = None) -> dict[str, Any]:
         """Accuracy, loss and sample count of the method's prediction on (x, y), then ``tags``
         (e.g. the partition id), then the method's diagnostics: pACC on a participant
-        (``zeroshot=False``), zACC on a held-out client and gACC on the server (``zeroshot``)."""
+        (``zeroshot=False``), zACC on a held-out client and gACC on the server (``zeroshot``).
+        ``logit_shift`` [k] is added to every logit (the ``em_prior`` correction)."""
         model.eval()
         with torch.inference_mode():
             x_dev = x.to(self.device)
-            result = evaluate_logits(self.method.predictor(model, x_dev, zeroshot), x, y,
-                                     device=self.device)
+            predict = self.method.predictor(model, x_dev, zeroshot)
+            if logit_shift is not None:
+                shift = logit_shift.to(self.device)
+                predict = (lambda base: lambda batch: base(batch) + shift)(predict)
+            result = evaluate_logits(predict, x, y, device=self.device)
             extra = self.method.diagnostics(model, x_dev) if diagnostics else {}
         return {"accuracy": result.accuracy, "loss": result.loss,
                 "num-examples": result.num_examples, **(tags or {}), **extra}
