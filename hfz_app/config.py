@@ -263,6 +263,35 @@ class FedJetsSection:
 
 
 @dataclass
+class ScaffoldSection:
+    """SCAFFOLD (Karimireddy et al. 2020): its local step eta_l on the corrected gradient."""
+
+    lr: float = field(default=0.0, metadata=_check(min=0))  # 0: train.lr
+
+
+@dataclass
+class FedAMPSection:
+    """FedAMP (Huang et al. 2021): attention xi_ij = alpha_k exp(-||w_i - w_j||^2 / sigma) / sigma
+    on the other participants' models; the client's proximal weight is lam / alpha_k."""
+
+    alpha_k: float = field(default=0.1, metadata=_check(gt=0))
+    sigma: float = field(default=1.0, metadata=_check(gt=0))
+    lam: float = field(default=0.01, metadata=_check(min=0))
+
+
+@dataclass
+class PeFLLSection:
+    """PeFLL (Scott et al. 2024): an embedding network phi pools a client's inputs into a
+    descriptor v; a hypernetwork h(v) generates the target's weights (inputs only: embed_y off)."""
+
+    embed_dim: int = field(default=16, metadata=_check(min=1))
+    embed_hidden: int = field(default=64, metadata=_check(min=1))
+    hyper_hidden: int = field(default=64, metadata=_check(min=1))
+    rank: int = field(default=4, metadata=_check(min=1))  # width of h's last hidden layer
+    hyper_lr: float = field(default=1.0, metadata=_check(gt=0))  # step of phi and h on the VJP
+
+
+@dataclass
 class FineTuneSection:
     """The labelled reference: FedAvg, then `steps` SGD steps on each held-out client's labels."""
 
@@ -284,6 +313,9 @@ class Config:
     ditto: DittoSection = field(default_factory=DittoSection)
     pfedme: PFedMeSection = field(default_factory=PFedMeSection)
     fedjets: FedJetsSection = field(default_factory=FedJetsSection)
+    scaffold: ScaffoldSection = field(default_factory=ScaffoldSection)
+    fedamp: FedAMPSection = field(default_factory=FedAMPSection)
+    pefll: PeFLLSection = field(default_factory=PeFLLSection)
     finetune: FineTuneSection = field(default_factory=FineTuneSection)
 
     def to_dict(self) -> dict[str, Any]:

@@ -41,6 +41,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     data = job.node_data(context.node_config, partition, heldout)
     config = msg.content["config"]
     model = job.runtime.receive(msg.content["arrays"], _received(msg), context.state)
+    job.method.receive_extras(model, msg.content.array_records)
     seed = round_seed(job.cfg.run.seed, int(config["server-round"]), partition)
     torch.manual_seed(seed)
     device = job.runtime.device
@@ -48,7 +49,8 @@ def handle_train(msg: Message, context: Context) -> Message:
                                      torch.Generator().manual_seed(seed), dict(config))
     shared = job.runtime.reply(model, context.state)
     metrics = {**metrics, "num-examples": len(data.train_x), "partition-id": partition}
-    return Message(RecordDict({"arrays": shared, "metrics": MetricRecord(metrics)}), reply_to=msg)
+    return Message(RecordDict({"arrays": shared, **job.method.reply_extras(model),
+                               "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
 def handle_evaluate(msg: Message, context: Context) -> Message:

@@ -398,3 +398,11 @@ def layered(*flower_bases: type[FedAvg]) -> type[SharedKeys]:
         return HyperFedZeroStrategy
     name = "HyperFedZero" + "".join(b.__name__ for b in flower_bases)
     return type(name, (SharedKeys, *flower_bases), {"__doc__": SharedKeys.__doc__})
+
+
+@functools.cache
+def with_layer(layer: type, base: type[SharedKeys]) -> type[SharedKeys]:
+    """``layer`` (a method's own server step: SCAFFOLD's control variate, FedAMP's cloud models)
+    in front of a shared-keys strategy ``base``; ``layer`` takes its own keyword arguments and
+    passes the rest on."""
+    return type(layer.__name__ + base.__name__, (layer, base), {"__doc__": layer.__doc__})

@@ -7,18 +7,21 @@ import torch
 from hfz_app.config import Config, ConfigError
 from hfz_app.methods.base import Method
 from hfz_app.methods.ditto import DittoMethod
+from hfz_app.methods.fedamp import FedAMPMethod
 from hfz_app.methods.fedavg import FedAvgMethod
 from hfz_app.methods.fedjets import FedJetsMethod
 from hfz_app.methods.fedprox import FedProxMethod
 from hfz_app.methods.finetune import FineTuneMethod
 from hfz_app.methods.hyperfedzero import HyperFedZeroMethod
+from hfz_app.methods.pefll import PeFLLMethod
 from hfz_app.methods.pfedme import PFedMeMethod
 from hfz_app.methods.runtime import MethodRuntime, resolve_device
+from hfz_app.methods.scaffold import ScaffoldMethod
 
 METHODS: dict[str, type[Method]] = {
     m.name: m
     for m in (HyperFedZeroMethod, FedAvgMethod, FedProxMethod, DittoMethod, PFedMeMethod,
-              FedJetsMethod, FineTuneMethod)
+              FedJetsMethod, ScaffoldMethod, FedAMPMethod, PeFLLMethod, FineTuneMethod)
 }
 
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from hfz_app.config import Config
 from hfz_app.federation.roles import Roles
-from hfz_app.federation.strategy import FedAdamKeepingDtypes, SharedKeys, layered
+from hfz_app.federation.strategy import FedAdamKeepingDtypes, SharedKeys, layered, with_layer
 from hfz_app.models.common import personal_buffer_keys
 from hfz_app.training import LossFn, make_optimizer, train_epochs
 
@@ -78,6 +78,18 @@ class Method:
         ``proximal-mu``)."""
         return self.fit(model, self.loss, x, y, generator)
 
+    # -- arrays beside the shared ones (SCAFFOLD's control variates) ------------------------------
+
+    def receive_extras(self, model: nn.Module, records: Mapping[str, Any]) -> None:
+        """Take what a train message carries beside the shared arrays (``records``: its
+        ArrayRecords by name; SCAFFOLD: the server's control variate). Default: nothing."""
+
+    def reply_extras(self, model: nn.Module) -> dict[str, Any]:
+        """ArrayRecords a train reply carries beside the shared arrays, by name (SCAFFOLD: the
+        change of the client's control variate). The strategy layer declares and checks them;
+        nothing else leaves a node. Default: none."""
+        return {}
+
     def fit(self, model: nn.Module, loss: LossFn, x: torch.Tensor, y: torch.Tensor,
             generator: torch.Generator) -> dict[str, float]:
         """``train.local_epochs`` of ``loss`` over the method's parameter groups (the shared loop
@@ -131,6 +143,9 @@ class Method:
     #: Flower strategies whose hooks this method's server needs, before the server step
     #: (FedProx: ``proximal-mu`` in each round's config).
     strategy_hooks: ClassVar[tuple[type[FedAvg], ...]] = ()
+    #: A server-side layer of this method's own, put in front of the shared-keys layer (SCAFFOLD:
+    #: the server control variate; FedAMP: one cloud model per participant). ``None``: none.
+    strategy_layer: ClassVar[type | None] = None
 
     def strategy(self, shared_keys: list[str], roles: Roles) -> SharedKeys:
         """The shared-keys layer over Flower's strategies: this method's hooks, then the server
@@ -146,7 +161,10 @@ class Method:
             step = FedAvgM
             step_kwargs = {"server_momentum": server.server_momentum,
                            "server_learning_rate": server.server_lr}
-        return layered(*self.strategy_hooks, step)(
+        cls = layered(*self.strategy_hooks, step)
+        if self.strategy_layer is not None:
+            cls = with_layer(self.strategy_layer, cls)
+        return cls(
             shared_keys, roles, num_rounds=cfg.run.rounds, eval_every=cfg.run.eval_every,
             seed=cfg.run.seed, fraction_train=server.fraction_train,
             min_train_nodes=server.min_train_nodes, **step_kwargs, **self.strategy_kwargs())
