@@ -86,6 +86,8 @@ HFZ = "hyperfedzero"
 M05 = {"server.server_momentum": 0.5}
 UNIFORM = {"model.embedding": "uniform"}
 BASELINES = ("fedavg", "fedprox", "ditto", "pfedme", "fedjets")
+# The rest of the paper's comparison set (issue 22), also in the `fashion` table.
+PAPER_BASELINES = ("scaffold", "fedamp", "pefll")
 
 
 def three(preset: str, extra: Mapping[str, Any] | None = None, prefix: str = "",
@@ -124,7 +126,7 @@ SWEEPS: dict[str, Sweep] = {
         "`finetune` is the labelled reference (20 SGD steps on 20 % of each held-out client), "
         "not zero-shot.",
         20,
-        tuple(Cell(m, m, m, "mnist_mlp", M05) for m in BASELINES)
+        tuple(Cell(m, m, m, "mnist_mlp", M05) for m in BASELINES + PAPER_BASELINES)
         + (Cell("hyperfedzero", "hyperfedzero", HFZ, "mnist_mlp", M05),
            Cell("control", "hyperfedzero, `e` uniform (control)", HFZ, "mnist_mlp", M05 | UNIFORM),
            Cell("finetune", "*finetune (labelled reference)*", "finetune", "mnist_mlp", M05,
@@ -133,7 +135,8 @@ SWEEPS: dict[str, Sweep] = {
     "fashion": Sweep(
         "Fashion-MNIST / LeNet-S, 10 + 5, Dirichlet 0.3",
         "Preset `fashion_mnist_lenet_s` (Debian's dataset-fashion-mnist).", 20,
-        three("fashion_mnist_lenet_s"),
+        three("fashion_mnist_lenet_s")
+        + tuple(Cell(m, m, m, "fashion_mnist_lenet_s", M05) for m in PAPER_BASELINES),
     ),
     "digits": Sweep(
         "8x8 digits / MLP, 10 + 5, Dirichlet 0.3",

@@ -13,6 +13,7 @@ import pytest
 
 from benchmarks import harness, report, sweep
 from hfz_app.config import CONF_DIR, load_config, parse_overrides
+from hfz_app.methods import METHODS
 
 
 def launch_overrides(cmd: list[str]) -> tuple[str, dict]:
@@ -23,7 +24,10 @@ def launch_overrides(cmd: list[str]) -> tuple[str, dict]:
 
 def test_command_runs_the_cell_through_launch_with_its_overrides(tmp_path):
     jobs = sweep.plan(["mnist"], [0, 1], rounds=5, extra={"data.train_subsample": 3000})
-    assert len(jobs) == 2 * len(sweep.SWEEPS["mnist"].cells) == 16
+    assert len(jobs) == 2 * len(sweep.SWEEPS["mnist"].cells)
+    assert {c.method for c in sweep.SWEEPS["mnist"].cells} == set(METHODS)  # every method
+    assert {"fedavg", "hyperfedzero", "scaffold", "fedamp", "pefll"} <= {
+        c.method for c in sweep.SWEEPS["fashion"].cells}
     by_cell = {(j.cell.id, j.seed): j for j in jobs}
     cmd = sweep.command(by_cell["control", 1], tmp_path, torch_threads=1)
     assert cmd[:3] == [sys.executable, "-m", "hfz_app.launch"]
@@ -51,7 +55,8 @@ def test_command_runs_the_cell_through_launch_with_its_overrides(tmp_path):
     assert [j.cell.id for j in sweep.plan(["heldout_alpha"], [0], only_cells=["a0.1-*"])] == \
         ["a0.1-fedavg", "a0.1-hyperfedzero", "a0.1-control"]
     variants = sweep.plan(["fashion"], [0], variants={"": {}, "lr01": {"train.lr": 0.01}})
-    assert len(variants) == 6 and len({j.name for j in variants}) == 6
+    n = 2 * len(sweep.SWEEPS["fashion"].cells)
+    assert len(variants) == n and len({j.name for j in variants}) == n
     assert variants[-1].overrides()["train.lr"] == 0.01
 
 
