@@ -89,7 +89,7 @@ class DataSection:
 
 @dataclass
 class ModelSection:
-    """The target network and the HyperFedZero modules around it (see SPEC.md)."""
+    """The target network and the HyperFedZero modules around it (docs/DESIGN.md)."""
 
     target: str = "mlp"
     generate: str = "all"  # "all", "head", or comma-separated parameter-name prefixes

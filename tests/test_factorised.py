@@ -1,4 +1,4 @@
-"""The factorised forward equals the materialised one to float32 rounding (SPEC.md)."""
+"""The factorised forward equals the materialised one to float32 rounding (docs/DESIGN.md)."""
 
 import dataclasses
 

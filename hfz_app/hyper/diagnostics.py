@@ -1,4 +1,4 @@
-"""Collapse diagnostics for distribution embeddings (SPEC.md, "Collapse diagnostics")."""
+"""Collapse diagnostics for distribution embeddings (docs/DESIGN.md, "Collapse diagnostics")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Distribution extractor ``f`` with noise head ``noisy``, and NoisyEmbed (SPEC.md, "Modules").
+"""Distribution extractor ``f`` with noise head ``noisy``, and NoisyEmbed (docs/DESIGN.md, "Modules").
 
 The extractor is deliberately cheap: it runs on every input next to the target, and the
 prototype measured that the plain MLP + extractor + penalty alone already costs ~1.5x the plain

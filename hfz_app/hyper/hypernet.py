@@ -1,4 +1,4 @@
-"""Chunked hypernetwork ``h`` (SPEC.md, "Chunked hypernetwork").
+"""Chunked hypernetwork ``h`` (docs/DESIGN.md, "Modules").
 
 The generated values are cut into ``K`` chunks, chunk ``k`` with a learnable embedding ``c_k``
 (init N(0, 1)); ``h([e ; c_k])`` is an MLP whose last layer emits one chunk. The first layer is

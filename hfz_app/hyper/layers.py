@@ -15,7 +15,7 @@ Two ways to apply G weight sets, never a Python loop over samples:
 
 * materialised: the weights ``[G, out, ...]`` exist; a batched matmul (Linear) or one grouped
   convolution with ``groups = B`` (Conv2d);
-* factorised (row layout, SPEC.md "Factorised forward"): with row ``o`` generated as
+* factorised (row layout, docs/DESIGN.md "Factorised forward"): with row ``o`` generated as
   ``W_i[o] = O^T H_i[o] + b_O``, the layer output is ``H_i[o] . (O^T x_i) + b_O . x_i``: one plain
   layer with ``hidden + 1`` outputs (for a conv, a conv with ``hidden + 1`` filters held in ``O``)
   followed by a batched contraction with ``H``. Per-sample weights are never materialised.

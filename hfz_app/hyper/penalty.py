@@ -1,4 +1,4 @@
-"""HyperFedZero's loss: cross-entropy + balancing penalty + sharpness (SPEC.md, "Loss").
+"""HyperFedZero's loss: cross-entropy + balancing penalty + sharpness (docs/DESIGN.md, "Loss").
 
 For a batch of embeddings ``e`` of shape [B, d] (rows on the probability simplex):
 
