@@ -84,6 +84,12 @@ class DataSection:
     local_test_fraction: float = field(default=0.2, metadata=_check(gt=0, max=0.9))
     train_subsample: int = field(default=0, metadata=_check(min=0))  # 0: the whole train split
     test_subsample: int = field(default=0, metadata=_check(min=0))  # 0: the whole test split
+    # Style shift (MNIST-M-like, hfz_app/data/style.py): grayscale images blended into crops of
+    # photographs from K style sources; each client's mix ~ Dirichlet(style_alpha) over them.
+    style: bool = False
+    style_sources: str = "space,warm,texture,scenery"  # comma-separated, docs/DATA.md
+    style_alpha: float = field(default=0.5, metadata=_check(gt=0))
+    style_alpha_heldout: float = field(default=0.0, metadata=_check(min=0))  # 0: style_alpha
     shift: ShiftSection = field(default_factory=ShiftSection)
 
 

@@ -4,7 +4,8 @@ The train split is (optionally) subsampled, then cut into a participant pool and
 (stratified, the held-out pool getting M/(N+M) of it); each pool is split across its clients
 with flwr-datasets' ``DirichletPartitioner`` (label skew), run on a tiny labels-only table, never
 on the images. Participants then split their share into local train/test. Only row indices are
-computed up front; a client's tensors (with its feature shift) are built on first request.
+computed up front; a client's tensors (with its style and feature shift) are built on first
+request.
 """
 
 from __future__ import annotations
@@ -27,6 +28,14 @@ import torch
 from hfz_app.config import DataSection, ShiftSection
 from hfz_app.data.shift import apply_shift, draw_shift
 from hfz_app.data.sources import DatasetArrays, DataSourceError, load_data, load_folder
+from hfz_app.data.style import (
+    ClientStyle,
+    client_style,
+    global_test_styles,
+    parse_sources,
+    style_images,
+    styled_shape,
+)
 
 # Keep every client's tensors when the whole float32 train split fits in this; else a few.
 CLIENT_CACHE_BYTES = 2 * 2**30
@@ -134,6 +143,7 @@ class ClientData:
     test_x: torch.Tensor
     test_y: torch.Tensor
     shift: dict[str, float] = field(default_factory=dict)
+    style: dict[str, float] = field(default_factory=dict)  # style source -> drawn mix share
 
 
 def to_float(images: np.ndarray) -> torch.Tensor:
@@ -149,7 +159,8 @@ class Federation:
         self.arrays, self.cfg, self.seed = arrays, cfg, seed
         self.dataset = arrays.name
         self.num_classes = arrays.num_classes
-        self.input_shape = arrays.input_shape
+        self.input_shape = styled_shape(cfg, arrays.input_shape)  # 3xHxW with data.style
+        self.style_sources = parse_sources(cfg.style_sources) if cfg.style else ()
         self.class_names = arrays.class_names
         self.num_participants = cfg.num_participants
         self.num_heldout = cfg.num_heldout
@@ -157,7 +168,8 @@ class Federation:
         self._train_rows, self._test_rows = train_rows, test_rows
         # An in-process run visits every client each round: an LRU smaller than that would miss
         # on every call, so keep them all unless the data is large.
-        fits = arrays.x_train.nbytes * 4 <= CLIENT_CACHE_BYTES
+        growth = np.prod(self.input_shape) / np.prod(arrays.input_shape)  # data.style: x3
+        fits = arrays.x_train.nbytes * 4 * growth <= CLIENT_CACHE_BYTES
         self._client = functools.lru_cache(maxsize=None if fits else 8)(self._make_client)
         self._global_test: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -194,6 +206,15 @@ class Federation:
         self._check(partition_id)
         return draw_shift(self.cfg.shift, self.seed, partition_id)
 
+    def style(self, partition_id: int) -> ClientStyle | None:
+        """The client's style mix and each sample's style id (order of ``indices``); None
+        without ``data.style``. Cheap: no image is touched."""
+        self._check(partition_id)
+        if not self.cfg.style:
+            return None
+        return client_style(self.cfg, self.seed, partition_id, len(self.indices(partition_id)),
+                            self.is_heldout(partition_id))
+
     def client(self, partition_id: int) -> ClientData:
         """The client's tensors, built on first use (only this client's rows), then cached."""
         self._check(partition_id)
@@ -228,22 +249,41 @@ class Federation:
         train_rows, test_rows = self.split_indices(partition_id)
         rows = np.concatenate([train_rows, test_rows])
         params = self.shift_params(partition_id)
-        x = apply_shift(to_float(self.arrays.x_train[rows]), params, self.seed, partition_id)
+        x = to_float(self.arrays.x_train[rows])
+        style = self.style(partition_id)
+        if style is not None:  # the photo first: the client's camera (shift) sees the scene
+            x = style_images(x, style.ids, self.cfg, self.seed, partition_id)
+        x = apply_shift(x, params, self.seed, partition_id)
         y = torch.from_numpy(self.arrays.y_train[rows].copy())
         n = len(train_rows)
+        mix = {} if style is None else dict(zip(self.style_sources, map(float, style.mix)))
         return ClientData(partition_id, self.is_heldout(partition_id),
-                          x[:n], y[:n], x[n:], y[n:], params)
+                          x[:n], y[:n], x[n:], y[n:], params, mix)
+
+    def _global_test_rows(self) -> np.ndarray:
+        y = self.arrays.y_test
+        rows = np.arange(len(y))
+        if 0 < self.cfg.test_subsample < len(y):
+            rows, _ = stratified_split(y, self.cfg.test_subsample, _rng(self.seed, _TEST))
+            rows.sort()
+        return rows
+
+    def global_test_style_ids(self) -> np.ndarray | None:
+        """Each global test sample's style id (the uniform mix); None without data.style."""
+        if not self.cfg.style:
+            return None
+        return global_test_styles(self.cfg, self.seed, len(self._global_test_rows()))
 
     def global_test(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The dataset's own test split (stratified subsample if data.test_subsample), unshifted."""
+        """The dataset's own test split (stratified subsample if data.test_subsample), unshifted;
+        with data.style, blended into photographs of the uniform style mix."""
         if self._global_test is None:
-            y = self.arrays.y_test
-            rows = np.arange(len(y))
-            if 0 < self.cfg.test_subsample < len(y):
-                rows, _ = stratified_split(y, self.cfg.test_subsample, _rng(self.seed, _TEST))
-                rows.sort()
-            self._global_test = (to_float(self.arrays.x_test[rows]),
-                                 torch.from_numpy(y[rows].copy()))
+            rows = self._global_test_rows()
+            x = to_float(self.arrays.x_test[rows])
+            ids = self.global_test_style_ids()
+            if ids is not None:
+                x = style_images(x, ids, self.cfg, self.seed, None)
+            self._global_test = (x, torch.from_numpy(self.arrays.y_test[rows].copy()))
         return self._global_test
 
 
