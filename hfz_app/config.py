@@ -122,8 +122,10 @@ class ModelSection:
     # Extractor trunk: "cnn" (2-layer CNN), "mlp", or "auto": the CNN for convolutional targets on
     # images with H, W >= 16, else the MLP. The MLP target gets the MLP trunk under "auto" because
     # on CPU the CNN trunk costs ~4x the 784-64 MLP trunk (fwd+bwd, batch 64), more than the plain
-    # MLP's whole training step (docs/benchmarks/step_time.md).
-    extractor: Literal["auto", "cnn", "mlp"] = "auto"
+    # MLP's whole training step (docs/benchmarks/step_time.md). "backbone" (with generate: head):
+    # no trunk of its own; f and noisy read the target's own features, the input of the generated
+    # head, so the extractor costs two small linear layers.
+    extractor: Literal["auto", "cnn", "mlp", "backbone"] = "auto"
     residual: bool = True
     # true: factorised forward wherever it costs fewer FLOPs than materialising per-sample weights
     # (every Linear; convs with few output positions), materialised elsewhere; false: materialise
@@ -514,6 +516,12 @@ def validate(cfg: Config) -> None:
             "server.server_momentum: expected 0 (and server.server_lr 1) with "
             f"server.optimizer=fedadam, got {cfg.server.server_momentum} "
             f"(server_lr {cfg.server.server_lr}); FedAdam's own step is server.fedadam_eta"
+    if cfg.model.extractor == "backbone" and (cfg.model.generate != "head"
+                                              or cfg.model.conditioning != "param"):
+        raise ConfigError(
+            "model.extractor: 'backbone' reads the generated head's input, so it needs "
+            f"model.generate=head and model.conditioning=param (got {cfg.model.generate!r}, "
+            f"{cfg.model.conditioning!r})")
         )
     if cfg.server.min_train_nodes > cfg.data.num_participants:
         raise ConfigError(

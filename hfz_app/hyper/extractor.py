@@ -41,8 +41,10 @@ def _mlp_trunk(in_features: int, hidden: int) -> tuple[nn.Module, int]:
 class DistributionExtractor(nn.Module):
     """Trunk on the raw input with a clean head ``f(x)`` and an optional noise head ``noisy(x)``.
 
-    ``kind``: ``cnn`` (2-layer CNN), ``mlp`` (one hidden layer on the flattened input), or
-    ``auto``: the CNN for images with H, W >= 16, the MLP for flat or small inputs.
+    ``kind``: ``cnn`` (2-layer CNN), ``mlp`` (one hidden layer on the flattened input),
+    ``auto``: the CNN for images with H, W >= 16, the MLP for flat or small inputs, or
+    ``backbone``: no trunk, the heads read features the target already computed (``input_shape``
+    is then theirs, ``(1, 1, F)``).
     """
 
     def __init__(
@@ -61,8 +63,10 @@ class DistributionExtractor(nn.Module):
             self.trunk, feat = _cnn_trunk(c, hidden)
         elif kind == "mlp":
             self.trunk, feat = _mlp_trunk(math.prod(input_shape), hidden)
+        elif kind == "backbone":
+            self.trunk, feat = nn.Flatten(), math.prod(input_shape)
         else:
-            raise ValueError(f"model.extractor: expected auto, cnn or mlp, got {kind!r}")
+            raise ValueError(f"model.extractor: expected auto, cnn, mlp or backbone, got {kind!r}")
         self.kind = kind
         self.clean = nn.Linear(feat, embed_dim)
         self.noise = nn.Linear(feat, embed_dim) if noise_head else None

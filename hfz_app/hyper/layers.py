@@ -189,6 +189,8 @@ class _GeneratedLayer(nn.Module):
             ):
                 return self._factorised(x, gen)
             gen = self._materialise(gen)
+        if callable(gen):  # generated from this layer's input (extractor: backbone)
+            gen = gen(x)
         return self._materialised(x, gen)
 
     def _materialise(self, gen: Factorised) -> Materialised:

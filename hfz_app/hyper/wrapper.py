@@ -45,6 +45,17 @@ class HFZOutput(NamedTuple):
     embedding: Tensor
 
 
+def _head_features(target: nn.Module, cfg: ModelSection) -> int:
+    """Input features of the one generated layer, which ``extractor: backbone`` reads: it must
+    be the target's head (``generate: head``, parameter conditioning)."""
+    if cfg.conditioning != "param" or cfg.generate != "head":
+        raise ValueError("model.extractor: 'backbone' reads the generated head's input, so it "
+                         f"needs generate 'head' and conditioning 'param' (got generate "
+                         f"{cfg.generate!r}, conditioning {cfg.conditioning!r})")
+    (spec,) = select_generated(target, "head")
+    return spec.weight_shape[1]
+
+
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, child, module)
@@ -82,8 +93,12 @@ class HyperFedZeroModel(nn.Module):
         if kind == "auto":  # the CNN only where the target itself is convolutional (config.py)
             conv = any(isinstance(m, nn.Conv2d) for m in target.modules())
             kind = "cnn" if conv and min(self.input_shape[1:]) >= 16 else "mlp"
+        # "backbone": f and noisy read the generated head's input features (no trunk of their own)
+        self.backbone_extractor = kind == "backbone"
+        extractor_shape = (1, 1, _head_features(target, cfg)) if self.backbone_extractor \
+            else self.input_shape
         extractor = DistributionExtractor(
-            self.input_shape, cfg.embed_dim, cfg.extractor_hidden, cfg.noisy_embed, kind
+            extractor_shape, cfg.embed_dim, cfg.extractor_hidden, cfg.noisy_embed, kind
         )
         self.noisy_embed = NoisyEmbed(
             extractor,
@@ -178,19 +193,33 @@ class HyperFedZeroModel(nn.Module):
         return self._forward(x, embedding)
 
     def _forward(self, x: Tensor, embedding: Tensor | None) -> HFZOutput:
-        if embedding is None:
-            e = self.noisy_embed(x)
-            pooled = self.cfg.granularity in ("batch", "client")
-            e_gen = e.mean(0, keepdim=True) if pooled else e
-        else:
+        if embedding is not None:
             e_gen, e = embedding, embedding.expand(x.shape[0], -1)
-        return HFZOutput(self._apply_target(x, e_gen), e)
+            return HFZOutput(self._apply_target(x, e_gen), e)
+        if self.backbone_extractor:  # e comes from the head's input, inside the target's pass
+            seen: list[Tensor] = []
 
-    def _apply_target(self, x: Tensor, e_gen: Tensor) -> Tensor:
-        if self.hyper is None:
-            gens: list[Any] = [e_gen]
-        else:
-            gens = self.hyper.layer_inputs(e_gen)
+            def from_features(features: Tensor) -> Any:
+                seen.append(self.noisy_embed(features))
+                (gen,) = self.hyper.layer_inputs(self._generating(seen[0]))
+                return gen
+
+            logits = self._apply_target(x, gens=[from_features])
+            return HFZOutput(logits, seen[0])
+        e = self.noisy_embed(x)
+        return HFZOutput(self._apply_target(x, self._generating(e)), e)
+
+    def _generating(self, e: Tensor) -> Tensor:
+        """The embedding(s) weights are generated from: per sample, or pooled over the batch."""
+        pooled = self.cfg.granularity in ("batch", "client")
+        return e.mean(0, keepdim=True) if pooled else e
+
+    def _apply_target(self, x: Tensor, e_gen: Tensor | None = None,
+                      gens: list[Any] | None = None) -> Tensor:
+        """The target on ``x`` with the proxies' generated values: from ``e_gen``, or ``gens``
+        as given (a callable one is called with the layer's input when the layer runs)."""
+        if gens is None:
+            gens = [e_gen] if self.hyper is None else self.hyper.layer_inputs(e_gen)
         for proxy, gen in zip(self._proxies, gens):
             proxy.gen = gen
         try:
@@ -200,7 +229,10 @@ class HyperFedZeroModel(nn.Module):
                 proxy.gen = None
 
     def embed(self, x: Tensor) -> Tensor:
-        """Per-sample embeddings ``e`` [B, d] (noise follows the train/eval mode)."""
+        """Per-sample embeddings ``e`` [B, d] (noise follows the train/eval mode); with the
+        backbone extractor this runs the target up to and including its head."""
+        if self.backbone_extractor and not self.noisy_embed.uniform:
+            return self._forward(x, None).embedding
         return self.noisy_embed(x)
 
     def loss(self, output: HFZOutput, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
