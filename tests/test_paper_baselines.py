@@ -78,9 +78,11 @@ def test_scaffold_momentum_weight_by_hand() -> None:
     assert momentum_weight(7, 0.0) == 7
 
 
-def test_scaffold_needs_sgd() -> None:
+def test_scaffold_needs_sgd_and_no_dp() -> None:
     with pytest.raises(ConfigError, match="train.optimizer"):
         scaffold_on(torch.nn.Linear(2, 2), **{"train.optimizer": "adam"})
+    with pytest.raises(ConfigError, match="privacy.dp"):
+        scaffold_on(torch.nn.Linear(2, 2), **{"privacy.dp": "server"})
 
 
 # --- FedAMP ------------------------------------------------------------------------------------

@@ -180,7 +180,8 @@ class ScaffoldMethod(FedAvgMethod):
     (:math:`N` participants, :math:`S` this round's). :math:`c` is in every checkpoint, and the
     server rebuilds each :math:`c_i = \sum_t \Delta c_i^t` so that ``run.resume`` is exact.
     A train message and reply each carry the model and one variate: twice FedAvg's bytes.
-    zACC, pACC and gACC: the global model :math:`x`. Needs ``train.optimizer=sgd``.
+    zACC, pACC and gACC: the global model :math:`x`. Needs ``train.optimizer=sgd`` and
+    ``privacy.dp=none`` (Flower's DP wrappers would clip and noise the model, not the variates).
     """
 
     name = "scaffold"
@@ -191,6 +192,9 @@ class ScaffoldMethod(FedAvgMethod):
         if cfg.train.optimizer != "sgd":
             raise ConfigError(f"train.optimizer: scaffold's control-variate update assumes sgd, "
                               f"got {cfg.train.optimizer!r}")
+        if cfg.privacy.dp != "none":  # the variates would leave the node neither clipped nor noised
+            raise ConfigError(f"privacy.dp: scaffold sends control variates that Flower's DP "
+                              f"wrappers neither clip nor noise; use none, got {cfg.privacy.dp!r}")
 
     def build_model(self) -> Controlled:
         return Controlled(build_target(self.cfg.model.target, self.input_shape, self.num_classes))
@@ -232,8 +236,10 @@ class ScaffoldMethod(FedAvgMethod):
         params = [model.net.get_parameter(n) for n in model.names]
         start = [p.detach().clone() for p in params]
         ci = [model.client_control(n) for n in model.names]
-        correction = [(model.server_control[n] - c).detach() for n, c in zip(model.names, ci,
-                                                                            strict=True)]
+        # c as received (receive_extras); called directly, without a train message: 0, its start
+        server = {n: model.server_control.get(n, torch.zeros_like(c))
+                  for n, c in zip(model.names, ci, strict=True)}
+        correction = [(server[n] - c).detach() for n, c in zip(model.names, ci, strict=True)]
         # g_i(y) - c_i + c: each parameter's gradient corrected as it is computed
         hooks = [p.register_hook(lambda g, d=d: g + d) for p, d in zip(params, correction,
                                                                       strict=True)]
@@ -248,7 +254,7 @@ class ScaffoldMethod(FedAvgMethod):
             model.control_delta = {}
             for n, p, p0, c_old in zip(model.names, params, start, ci, strict=True):
                 # Delta c_i = c_i+ - c_i; c_i += Delta c_i, the sum the server repeats on resume
-                model.control_delta[n] = (p0 - p) / scale - model.server_control[n]
+                model.control_delta[n] = (p0 - p) / scale - server[n]
                 c_old.add_(model.control_delta[n])
         return metrics
 
