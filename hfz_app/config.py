@@ -14,6 +14,7 @@ Every key is validated on the way in: an unknown key, a wrong type or an out-of-
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tomllib
 import typing
@@ -204,6 +205,10 @@ class ServerSection:
     fedadam_beta_2: float = field(default=0.99, metadata=_check(min=0, max=0.9999))
     fedadam_tau: float = field(default=1e-3, metadata=_check(gt=0))
     timeout_s: float = field(default=3600.0, metadata=_check(gt=0))
+    # Stop the run (one line, non-zero exit) after this many consecutive rounds in which no train
+    # reply could be averaged (all failed, lost, or dropped as non-finite): the model is no longer
+    # changing, so "completed" would be a lie (train.lr=inf drops every reply).
+    max_failed_rounds: int = field(default=3, metadata=_check(min=1))
 
 
 @dataclass
@@ -264,7 +269,8 @@ class PFedMeSection:
 class FedJetsSection:
     """FedJets (Dun et al. 2023), simplified: E expert target networks and a shared top-k gate."""
 
-    num_experts: int = field(default=4, metadata=_check(min=1))
+    # a module each: a count beyond this is a typo, and building it would hang (issue 21)
+    num_experts: int = field(default=4, metadata=_check(min=1, max=4096))
     top_k: int = field(default=2, metadata=_check(min=1))
     gate_hidden: int = field(default=64, metadata=_check(min=1))
     balance: float = field(default=0.01, metadata=_check(min=0))  # load-balancing loss weight
@@ -383,13 +389,16 @@ def _coerce(key: str, value: Any, tp: Any, meta: Mapping[str, Any]) -> Any:
             return value.lower() == "true"
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or not math.isfinite(value) or value != int(value)):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         value = int(value)
     elif tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         value = float(value)
+        if not math.isfinite(value):  # nan passes every range check; inf trains to nothing
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
     elif tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -497,6 +506,7 @@ def validate(cfg: Config) -> None:
     """Cross-field checks that a single key's range cannot express. Names that a registry owns
     (``run.method``, ``model.target``, ``data.dataset``) are checked by that registry."""
     cfg.model.hidden_widths()
+    check_run_name(cfg.run.name, "run.name")
     if not DEVICE_PATTERN.fullmatch(cfg.run.device):
         raise ConfigError(f"run.device: expected auto, cpu, cuda, cuda:N or mps, got "
                           f"{cfg.run.device!r}")
@@ -528,6 +538,15 @@ def validate(cfg: Config) -> None:
             f"server.min_train_nodes: expected <= data.num_participants "
             f"({cfg.data.num_participants}), got {cfg.server.min_train_nodes}"
         )
+
+
+def check_run_name(name: str, key: str) -> None:
+    """A run name is one folder inside the output folder: no path separator, no ``.``/``..``, so
+    that a name from a shared config cannot write anywhere else (hfz_app.outputs also checks
+    symlinks)."""
+    if not name or name in (".", "..") or any(c in name for c in "/\\\0") or name != name.strip():
+        raise ConfigError(f"{key}: expected a plain folder name (no '/', '\\', '..' or "
+                          f"surrounding spaces; it is created inside run.output_dir), got {name!r}")
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, object]:
