@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -24,18 +25,23 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from hfz_app.config import ConfigError, load_config, parse_overrides
+from hfz_app.config import Config, ConfigError, load_config, parse_overrides
 from hfz_app.data import DataSourceError, build_federation, load_data
 from hfz_app.data.describe import describe
+from hfz_app.data.style import styled_shape
 from hfz_app.federation.job import PLAN_CACHE_ENV
 from hfz_app.methods import get_method, resolve_device
 from hfz_app.models import target_factory
+from hfz_app.outputs import check_output_dir, run_directory
+from hfz_app.resources import check_fits
 
 APP_DIR = Path(__file__).resolve().parent.parent
 APPS = {"train": APP_DIR, "zeroshot": APP_DIR / "zeroshot_app"}  # --app: which Flower app runs
@@ -217,7 +223,123 @@ def stop_process_groups(procs: list[subprocess.Popen], timeout_s: float = 30.0) 
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+def run_processes(marker: str) -> list[int]:
+    """Live processes (not zombies) whose environment holds ``marker`` (``FLWR_HOME=<this run's
+    private home>``): every process the run started however deep, also those reparented away
+    from the SuperLink's process group (Ray's daemons start their own sessions). Linux /proc;
+    elsewhere none are found and only the SuperLink's group is stopped."""
+    needle, pids = b"\0" + marker.encode() + b"\0", []
+    try:
+        entries = [e.name for e in os.scandir("/proc") if e.name.isdigit()]
+    except OSError:
+        return []
+    for name in entries:
+        if int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                environ = f.read()  # empty for a zombie
+        except OSError:
+            continue
+        if needle in b"\0" + environ + b"\0":
+            pids.append(int(name))
+    return pids
+
+
+def stop_run(procs: list[subprocess.Popen], marker: str, timeout_s: float = 30.0) -> None:
+    """Stop everything this run started: the SuperLink's process group and every process that
+    carries the run's ``marker``. ``flower-superexec`` starts a session of its own, so the
+    simulation and Ray (its daemons and ClientApp actors) are not in the SuperLink's group and
+    outlived a stop of that group alone. SIGTERM to all, SIGKILL what outlives a grace period."""
+    left = run_processes(marker)
+    for proc in procs:  # all at once: the SuperLink's group and the rest
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+    for sig, grace_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        if not left:
+            break
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace_s
+        while left and time.monotonic() < deadline:
+            time.sleep(0.2)
+            left = run_processes(marker)
+    stop_process_groups(procs, timeout_s)  # reap ours (SIGKILL if still running)
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM reached the launcher: stop the run, keep its checkpoints."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    # Ignore a second signal while the run is being stopped, so that cleanup completes.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """SIGINT/SIGTERM raise :class:`Interrupted` inside (main thread only); handlers restored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def preflight(args: argparse.Namespace, overrides: dict[str, object], cpus_per_client: int
+              ) -> Config:
+    """Everything checkable before a Flower process starts (one-line errors): the config, the
+    names registries own, the device, the output folder, the data, and whether the model and a
+    training step fit in this machine's memory (estimated on the meta device)."""
+    if args.app == "zeroshot":  # checkpoint and config resolved here: one-line errors
+        from hfz_app.zeroshot.server import check_data_fits, plan_zeroshot
+
+        plan = plan_zeroshot(overrides)
+        print(plan.describe(), flush=True)
+        cfg, out_cfg = plan.cfg, plan.out_cfg
+        check_output_dir(out_cfg.run.output_dir, "output-dir")
+    else:
+        cfg = out_cfg = load_config(args.preset, overrides)
+        get_method(cfg.run.method)  # names the registries own: one line, before Flower
+        target_factory(cfg.model.target)
+        check_output_dir(cfg.run.output_dir)
+    run_directory(out_cfg)  # a run folder that a symlink takes elsewhere
+    resolve_device(cfg.run.device)  # a GPU asked for where there is none: before Flower
+    data = load_data(cfg.data)  # a missing source (or stand-in), bad files: before Flower
+    shape = styled_shape(cfg.data, data.input_shape)  # 3xHxW with data.style
+    if args.app == "zeroshot":
+        check_data_fits(plan, shape, data.num_classes)
+    else:
+        nodes = cfg.data.num_participants + cfg.data.num_heldout
+        at_once = max(1, min(nodes, usable_cpus() // max(1, cpus_per_client)))
+        check_fits(cfg, shape, data.num_classes, processes=1 + at_once)
+    return cfg
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The launcher; SIGINT/SIGTERM stop every process of the run and exit 130/143 with one line
+    (the checkpoints written so far stay: ``-c run.resume=true`` continues)."""
+    with interruptible():
+        try:
+            return _main(argv)
+        except Interrupted as sig:  # while the run was already being stopped
+            print(f"error: interrupted ({sig})", file=sys.stderr)
+            return 128 + sig.signum
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--app", choices=sorted(APPS), default="train",
                         help="train: the training app (.); zeroshot: the zero-shot evaluation "
@@ -242,21 +364,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         overrides = parse_overrides(args.run_config)
-        if args.app == "zeroshot":  # checkpoint and config resolved here: one-line errors
-            from hfz_app.zeroshot.server import plan_zeroshot
-
-            plan = plan_zeroshot(overrides)
-            print(plan.describe(), flush=True)
-            cfg = plan.cfg
-        else:
-            cfg = load_config(args.preset, overrides)
-            get_method(cfg.run.method)  # names the registries own: one line, before Flower
-            target_factory(cfg.model.target)
-        resolve_device(cfg.run.device)  # a GPU asked for where there is none: before Flower
-        load_data(cfg.data)  # a missing source (or stand-in): before Flower
+        cfg = preflight(args, overrides, cpus_per_client)
     except (ConfigError, DataSourceError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Interrupted as sig:
+        print(f"error: interrupted ({sig}) before the run started", file=sys.stderr)
+        return 128 + sig.signum
     try:
         check_client_device(cfg.run.device, gpus_per_client)
     except ResourceError as err:
@@ -300,9 +414,6 @@ def main(argv: list[str] | None = None) -> int:
             # plan in the plan cache for the run's other processes.
             federation = build_federation(cfg.data, cfg.run.seed, env[PLAN_CACHE_ENV])
             print(describe(federation), flush=True)
-            if args.app == "train":  # model settings that only building the model can check
-                get_method(cfg.run.method)(cfg, federation.input_shape,
-                                           federation.num_classes).build_model()
         except (ConfigError, DataSourceError, ValueError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
@@ -339,8 +450,21 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"run {run_id} completed in {wall:.0f} s", flush=True)
         return 0
+    except Interrupted as sig:
+        stop_run([superlink], f"FLWR_HOME={home}")
+        kept = ""
+        if args.app == "train":
+            from hfz_app.outputs import latest_run_dir
+
+            with contextlib.suppress(ConfigError):
+                where = latest_run_dir(cfg)
+                kept = (f"; checkpoints so far kept in {where}, continue with -c run.resume=true"
+                        if where else "")
+        print(f"error: interrupted ({sig}); stopped every process of the run{kept}",
+              file=sys.stderr)
+        return 128 + sig.signum
     finally:
-        stop_process_groups([superlink])
+        stop_run([superlink], f"FLWR_HOME={home}")
         if not args.keep_home:
             shutil.rmtree(home, ignore_errors=True)
 

@@ -15,6 +15,7 @@ import csv
 import json
 import math
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -49,21 +50,58 @@ def resolve_output_root(output_dir: str) -> Path:
     return path
 
 
+def check_output_dir(output_dir: str, key: str = "run.output_dir") -> Path:
+    """The output root, created if missing and proven writable (a probe file): a bad
+    ``run.output_dir`` is one line before any Flower process starts, not a ServerApp traceback."""
+    root = resolve_output_root(output_dir)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"{key}: cannot create {root} ({err.strerror or type(err).__name__}); "
+                          "expected a writable directory") from None
+    if not root.is_dir():
+        raise ConfigError(f"{key}: {root} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError as err:
+        raise ConfigError(f"{key}: {root} is not writable ({err.strerror or type(err).__name__})"
+                          ) from None
+    return root
+
+
+def confined(root: Path, directory: Path, key: str = "run.name") -> Path:
+    """``directory``, refused unless it lies inside ``root`` once symlinks are resolved: a run
+    folder that is a symlink elsewhere would otherwise receive (and overwrite) files there."""
+    real_root, real = root.resolve(), directory.resolve()
+    if not real.is_relative_to(real_root):
+        raise ConfigError(f"{key}: {directory} resolves to {real}, outside the output folder "
+                          f"{real_root} (a symlink?); expected a folder inside it")
+    return directory
+
+
+def run_directory(cfg: Config) -> Path:
+    """The folder a run writes: ``<output_dir>/<run.name>`` or a new ``-2``, ``-3`` suffix (with
+    ``run.resume``: the latest of them); refused if a symlink takes it outside ``output_dir``."""
+    root = resolve_output_root(cfg.run.output_dir)
+    directory = root / cfg.run.name
+    if cfg.run.resume:
+        directory = latest_run_dir(cfg) or directory
+    else:
+        suffix = 2
+        while (directory / "metrics.csv").exists():
+            directory = root / f"{cfg.run.name}-{suffix}"
+            suffix += 1
+    return confined(root, directory)
+
+
 class RunOutputs:
     """One run's output folder; a new ``-2``, ``-3`` ... suffix rather than overwriting a run."""
 
     def __init__(self, cfg: Config, directory: Path | None = None) -> None:
         self.cfg = cfg
         if directory is None:
-            root = resolve_output_root(cfg.run.output_dir)
-            directory = root / cfg.run.name
-            if cfg.run.resume:
-                directory = latest_run_dir(cfg) or directory
-            else:
-                suffix = 2
-                while (directory / "metrics.csv").exists():
-                    directory = root / f"{cfg.run.name}-{suffix}"
-                    suffix += 1
+            directory = run_directory(cfg)
         self.dir = directory
         self.checkpoint_dir = directory / "checkpoints"
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -174,7 +212,7 @@ def latest_run_dir(cfg: Config) -> Path | None:
     while (directory / "metrics.csv").exists():
         latest, directory = directory, root / f"{cfg.run.name}-{suffix}"
         suffix += 1
-    return latest
+    return confined(root, latest) if latest is not None else None
 
 
 def find_resume_point(cfg: Config) -> tuple[Path, int]:

@@ -231,7 +231,7 @@ class Federation:
 
     @functools.lru_cache(maxsize=2)  # noqa: B019 -- one federation per process, a few nodes
     def _local_client(self, data_dir: str, partition_id: int, heldout: bool) -> ClientData:
-        arrays = load_folder(data_dir)
+        arrays = load_folder(data_dir, whole_dataset=False)  # a client may hold a few classes
         if arrays.input_shape != self.input_shape or arrays.num_classes > self.num_classes:
             raise DataSourceError(
                 f"{data_dir} holds {arrays.input_shape} inputs "

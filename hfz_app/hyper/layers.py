@@ -117,11 +117,17 @@ def select_generated(target: nn.Module, generate: str) -> list[LayerSpec]:
                 weight_shape=tuple(m.weight.shape),
                 gen_weight=gw,
                 gen_bias=gb,
-                weight_var=float(m.weight.detach().var(unbiased=False)),
-                bias_var=float(m.bias.detach().var(unbiased=False)) if m.bias is not None else 0.0,
+                weight_var=_variance(m.weight),
+                bias_var=_variance(m.bias) if m.bias is not None else 0.0,
             )
         )
     return specs
+
+
+def _variance(t: Tensor) -> float:
+    """A target weight's initial variance; 1.0 on the meta device, where a shape-only build
+    (the launcher's memory estimate, ``hfz_app.resources``) has no values."""
+    return 1.0 if t.is_meta else float(t.detach().var(unbiased=False))
 
 
 class Materialised(NamedTuple):

@@ -26,10 +26,12 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid
 
+from hfz_app.arrays import ArrayMismatch
 from hfz_app.checkpoint import Checkpoint, load_checkpoint
-from hfz_app.config import Config, run_config_keys
+from hfz_app.config import Config, ConfigError, check_run_name, run_config_keys
 from hfz_app.evaluation.metrics import summarise_evaluation
 from hfz_app.federation.roles import ZEROSHOT_MESSAGE_TYPE, discover_roles
+from hfz_app.methods import runtime_for
 from hfz_app.outputs import RunOutputs, resolve_output_root
 from hfz_app.zeroshot.checkpoint_config import ZeroShotError, checkpoint_config, config_to_json
 from hfz_app.zeroshot.client import CONFIG_JSON_KEY, CONFIG_RECORD, NUM_PARTICIPANTS_KEY
@@ -144,13 +146,35 @@ def plan_zeroshot(run_config: Mapping[str, Any]) -> ZeroShotPlan:
     except (OSError, ValueError) as err:
         raise ZeroShotError(str(err)) from None
     cfg = checkpoint_config(checkpoint.config, overrides)
+    if cfg.data.num_heldout < 1:
+        raise ZeroShotError("data.num_heldout: expected >= 1 held-out client to evaluate, got "
+                            f"{cfg.data.num_heldout} (the checkpoint's config, {path}); set "
+                            "-c data.num_heldout=N")
     name = str(own["name"]) if _set(own["name"]) else f"{cfg.run.name}-zeroshot"
+    try:
+        check_run_name(name, "name")
+    except ConfigError as err:
+        raise ZeroShotError(str(err)) from None
     out_cfg = dataclasses.replace(cfg, run=dataclasses.replace(
         cfg.run, name=name, output_dir=str(own["output-dir"]), resume=False))
     nodes = cfg.data.num_participants + cfg.data.num_heldout
     min_nodes = int(own["min-nodes"]) if _set(own["min-nodes"]) else nodes
     timeout_s = float(own["timeout-s"]) if _set(own["timeout-s"]) else cfg.server.timeout_s
     return ZeroShotPlan(path, checkpoint, cfg, out_cfg, overrides, min_nodes, timeout_s)
+
+
+def check_data_fits(plan: ZeroShotPlan, input_shape: tuple[int, ...], num_classes: int) -> None:
+    """The zero-shot data (the checkpoint's dataset, or its ``data.*`` overrides) against the
+    checkpoint's model: another image shape or class count is one line here, as in export,
+    instead of a traceback on every held-out node."""
+    runtime = runtime_for(plan.cfg, tuple(input_shape), num_classes, device="cpu")
+    try:
+        runtime.check(plan.checkpoint.shared, f"checkpoint {plan.checkpoint_path}")
+    except (ArrayMismatch, ValueError) as err:
+        raise ZeroShotError(
+            f"data.dataset: {plan.cfg.data.dataset!r} gives inputs of shape {list(input_shape)} "
+            f"with {num_classes} classes, which the checkpoint's {plan.cfg.run.method}/"
+            f"{plan.cfg.model.target} model does not fit ({err})") from None
 
 
 def discover_heldout(grid: Grid, plan: ZeroShotPlan) -> dict[int, int]:
