@@ -26,6 +26,11 @@ from hfz_app.outputs import RunOutputs, find_resume_point
 log = logging.getLogger("hfz_app")
 
 
+class NoProgress(RuntimeError):
+    """``server.max_failed_rounds`` consecutive rounds without a train reply to average: the
+    model stopped changing, so the run stops (one line) instead of reporting success."""
+
+
 class RoundRecorder:
     """Flower's ``evaluate_fn``: after every round, gACC on the global test set, then one row of
     every metric to ``metrics.csv``/``metrics.json``, a checkpoint, and one progress line."""
@@ -35,6 +40,7 @@ class RoundRecorder:
         self.global_test = job.federation.global_test()
         self.num_classes = job.federation.num_classes
         self.start = self.last = time.monotonic()
+        self.failed_rounds: list[int] = []  # the current streak of rounds without a valid reply
 
     def global_accuracy(self, server_round: int, arrays: ArrayRecord) -> dict[str, float]:
         """gACC: the shared model a new client would get, on the global test set."""
@@ -61,7 +67,29 @@ class RoundRecorder:
         self.outputs.log_round(row, self.strategy.client_metrics.get(server_round))
         print(progress_line(row, self.cfg, self.num_classes), flush=True)
         self.last = time.monotonic()
+        if server_round > 0:
+            self.check_progress(server_round, row)
         return MetricRecord({k: float(row[k]) for k in ("gacc", "gloss") if k in row})
+
+
+    def check_progress(self, server_round: int, row: dict[str, Any]) -> None:
+        """Raise :class:`NoProgress` after ``server.max_failed_rounds`` rounds in a row whose
+        train replies all failed, went missing or were dropped (e.g. non-finite with
+        ``train.lr=inf``); the rounds so far stay logged and checkpointed."""
+        if row.get("n_train_replies"):
+            self.failed_rounds = []
+            return
+        self.failed_rounds.append(server_round)
+        limit = self.cfg.server.max_failed_rounds
+        if len(self.failed_rounds) >= limit:
+            dropped = sum(int(self.strategy.round_stats.get(r, {}).get("n_dropped", 0))
+                          for r in self.failed_rounds)
+            raise NoProgress(
+                f"server.max_failed_rounds: {limit} rounds in a row "
+                f"({self.failed_rounds[0]}-{server_round}) without a train reply that could be "
+                f"averaged ({dropped} dropped as non-finite or mismatched, the others failed or "
+                f"lost; see the log above), so the model stopped changing; stopped. Rounds so far "
+                f"are in {self.outputs.dir}")
 
 
 def progress_line(row: dict[str, Any], cfg: Config, num_classes: int = 0) -> str:
