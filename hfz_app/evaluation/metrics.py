@@ -15,6 +15,28 @@ import numpy as np
 EMBED_MEAN_KEY = "embed_mean"
 
 
+# Evaluation reply keys, and the names Flower's PyTorch template replies with instead.
+REPLY_KEYS = {"accuracy": ("eval_acc", "acc"), "loss": ("eval_loss",),
+              "num-examples": ("num_examples",)}
+
+
+def evaluation_reply(metrics: dict[str, Any]) -> dict[str, Any]:
+    """One node's evaluation metrics with this project's keys (Flower template's ``eval_acc``,
+    ``eval_loss`` accepted); a reply lacking one is a one-line ValueError naming what was
+    expected."""
+    out = dict(metrics)
+    for key, aliases in REPLY_KEYS.items():
+        if key not in out:
+            found = next((a for a in aliases if a in out), None)
+            if found is None:
+                expected = ", ".join(f"'{k}' (or {', '.join(repr(a) for a in a_)})"
+                                     for k, a_ in REPLY_KEYS.items())
+                raise ValueError(f"evaluation reply: expected the keys {expected}; "
+                                 f"got {', '.join(map(repr, sorted(metrics))) or 'none'}")
+            out[key] = out[found]
+    return out
+
+
 def _weighted(values: np.ndarray, weights: np.ndarray) -> float:
     return float((values * weights).sum() / weights.sum())
 

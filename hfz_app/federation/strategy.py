@@ -39,7 +39,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, Result
 
 from hfz_app.arrays import ArrayMismatch, check_arrays
-from hfz_app.evaluation.metrics import summarise_evaluation
+from hfz_app.evaluation.metrics import evaluation_reply, summarise_evaluation
 from hfz_app.federation.roles import ZEROSHOT_MESSAGE_TYPE, Roles
 
 log = logging.getLogger("hfz_app")
@@ -332,7 +332,13 @@ class SharedKeys:
                 log.warning("evaluation reply from node %s failed: %s", node, msg.error.reason)
                 continue
             role = "heldout" if node in self.roles.heldout else "participant"
-            per_role[role].append(dict(next(iter(msg.content.metric_records.values()))))
+            records = list(msg.content.metric_records.values())
+            try:
+                metrics = evaluation_reply(dict(records[0]) if records else {})
+            except ValueError as err:  # e.g. a reply from another project's ClientApp
+                log.warning("dropped evaluation reply from node %s: %s", node, err)
+                continue
+            per_role[role].append(metrics)
         for role_replies in per_role.values():
             role_replies.sort(key=lambda r: r.get("partition-id", 0))
         summary = summarise_evaluation(per_role["participant"], per_role["heldout"])
