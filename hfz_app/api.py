@@ -153,6 +153,8 @@ def zero_shot_model(
     Checkpoint-based export of the app's own runs: ``python -m hfz_app.export``."""
     hfz = _check_model(model, "zero_shot_model")
     hfz.eval()
-    x = x_unlabelled.to(next(hfz.parameters()).device)
-    module.load_state_dict(hfz.generate(hfz.pooled_embedding(x, batch_size)))
-    return module.eval()
+    param = next(hfz.parameters())  # follow the model's device and dtype (float64 too)
+    x = x_unlabelled.to(param.device, param.dtype if x_unlabelled.is_floating_point() else None)
+    weights = hfz.generate(hfz.pooled_embedding(x, batch_size))
+    module.load_state_dict(weights)
+    return module.to(param.device).eval()

@@ -250,9 +250,11 @@ class HyperFedZeroModel(nn.Module):
         """The mean embedding [d] of a client's unlabelled inputs (granularity ``client``);
         accumulated in float64 so that it does not depend on the chunking."""
         total = torch.zeros(self.embed_dim, dtype=torch.float64, device=x.device)
+        dtype = torch.float32
         for i in range(0, len(x), chunk):
-            total += self.embed(x[i : i + chunk]).double().sum(0)
-        return (total / max(len(x), 1)).float()
+            e = self.embed(x[i : i + chunk])
+            total, dtype = total + e.double().sum(0), e.dtype
+        return (total / max(len(x), 1)).to(dtype)  # the model's dtype (float64 models too)
 
     def client_predictor(self, x: Tensor) -> Callable[[Tensor], Tensor]:
         """Logits function for evaluating on one client's inputs ``x`` (or a test set): with
