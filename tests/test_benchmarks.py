@@ -51,7 +51,7 @@ def test_command_runs_the_cell_through_launch_with_its_overrides(tmp_path):
     assert not {j.key for j in other} & {j.key for j in jobs}
     # filters
     kept = sweep.plan(["mnist"], [0], only_methods=["fedavg", "hyperfedzero"])
-    assert [j.cell.id for j in kept] == ["fedavg", "hyperfedzero", "control"]
+    assert [j.cell.id for j in kept] == ["fedavg", "hyperfedzero", "control", "fedavg-em"]
     assert [j.cell.id for j in sweep.plan(["heldout_alpha"], [0], only_cells=["a0.1-*"])] == \
         ["a0.1-fedavg", "a0.1-hyperfedzero", "a0.1-control"]
     variants = sweep.plan(["fashion"], [0], variants={"": {}, "lr01": {"train.lr": 0.01}})
