@@ -156,7 +156,7 @@ def export(
                    usage["embed_entropy"], "granularity": cfg.model.granularity}
         pooled = _logits(lambda b: model(b, embedding=e).logits, x)
     else:  # the method's zero-shot module already is a plain model (FedAvg: the global one)
-        plain = runtime.method.zeroshot_module(model)
+        plain = runtime.method.zeroshot_module(model, x)
         state, pooled = plain.state_dict(), None
     plain.eval()
     for parameter in plain.parameters():

@@ -274,3 +274,25 @@ def test_fedamp_sends_each_participant_its_own_cloud_model(runs) -> None:
     key = next(iter(round3[0].content["arrays"].keys()))
     values = [m.content["arrays"][key].numpy() for m in round3]
     assert len(round3) == N and not np.array_equal(values[0], values[1])
+
+
+def test_pefll_exports_the_plain_target_it_generates_for_a_client() -> None:
+    """What export writes for a new client: the target with h(v(x)), logits equal to zACC's."""
+    cfg = load_config("tiny", {"run.method": "pefll"})
+    method = get_method("pefll")(cfg, (1, 28, 28), 10)
+    torch.manual_seed(0)
+    model = method.build_model()
+    with torch.no_grad():
+        for basis in model.basis.values():
+            basis.normal_(std=0.01)  # U != 0: the weights depend on the client's inputs
+    x = torch.rand(30, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    plain = method.zeroshot_module(model, x)
+    assert set(plain.state_dict()) == set(model.target.state_dict())
+    torch.testing.assert_close(plain(x), method.predictor(model, x, True)(x))
+    assert not torch.allclose(plain(x), method.zeroshot_module(model, x[:5] * 0.1)(x))
+    with pytest.raises(ValueError, match="inputs"):
+        method.zeroshot_module(model)
+    scaffold = get_method("scaffold")(load_config("tiny", {"run.method": "scaffold"}),
+                                      (1, 28, 28), 10)
+    controlled = scaffold.build_model()
+    assert scaffold.zeroshot_module(controlled) is controlled.net  # no control buffers exported

@@ -134,8 +134,9 @@ class Method:
         """Extra per-client evaluation metrics (HyperFedZero: embedding collapse)."""
         return {}
 
-    def zeroshot_module(self, model: nn.Module) -> nn.Module:
-        """The module a new client runs (what export writes): the model itself by default."""
+    def zeroshot_module(self, model: nn.Module, x: torch.Tensor | None = None) -> nn.Module:
+        """The module a new client runs (what export writes): the model itself by default.
+        ``x``: the client's unlabelled inputs, for a method whose weights follow them (PeFLL)."""
         return model
 
     # -- server side ----------------------------------------------------------------------------

@@ -137,6 +137,17 @@ class PeFLLMethod(Method):
         norm = torch.sqrt(sum((d.double() ** 2).sum() for d in delta.values()))
         return metrics | {"train_delta_norm": float(norm)}
 
+    def zeroshot_module(self, model: PeFLLModel, x: torch.Tensor | None = None) -> nn.Module:
+        """The plain target with the weights generated from the client's inputs ``x``."""
+        if x is None:
+            raise ValueError("pefll: a new client's model is generated from its inputs; pass x")
+        with torch.no_grad():
+            theta = model.generate(model.descriptor(x))
+            plain = copy.deepcopy(model.target)
+            for n in model.names:
+                plain.get_parameter(n).copy_(theta[n])
+        return plain
+
     def predict(self, model: PeFLLModel, x: torch.Tensor) -> torch.Tensor:
         return model(x)
 

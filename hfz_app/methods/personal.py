@@ -56,5 +56,5 @@ class PersonalisedMethod(Method):
     def predict_zeroshot(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model.shared(x)
 
-    def zeroshot_module(self, model: nn.Module) -> nn.Module:
+    def zeroshot_module(self, model: nn.Module, x: torch.Tensor | None = None) -> nn.Module:
         return model.shared

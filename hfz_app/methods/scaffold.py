@@ -210,6 +210,9 @@ class ScaffoldMethod(FedAvgMethod):
         return [{"params": [model.net.get_parameter(n) for n in model.names],
                  "lr": self.local_lr()}]
 
+    def zeroshot_module(self, model: Controlled, x: torch.Tensor | None = None) -> nn.Module:
+        return model.net
+
     def control_keys(self, model: Controlled) -> list[str]:
         """The keys of :math:`c`, :math:`c_i` and :math:`\\Delta c_i` on the wire: the state-dict
         keys of the parameters they correct."""
