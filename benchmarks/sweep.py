@@ -121,6 +121,37 @@ def ablation_cells() -> tuple[Cell, ...]:
                  for p in presets)
 
 
+# HyperFedZero as the paper describes it: per-sample weights from an unanchored NoisyEmbed with the
+# balancing penalty, every layer generated (hfz_app/config.py's defaults), undoing the recipe keys
+# the dataset presets set (conf/hyperfedzero_recipe.yaml).
+PAPER_HFZ = {"model.anchor": "none", "model.embed_dim": 16, "model.granularity": "sample",
+             "model.generate": "all", "model.hyper_input": "prob", "model.alpha": 0.01,
+             "train.hyper_output_lr_scale": 0.01, "train.prior_alpha": 0.0}
+
+
+def style_cells(preset: str) -> tuple[Cell, ...]:
+    """The zero-shot comparison on the style-shift data: baselines, label-free test-time
+    adaptation, HyperFedZero as in the paper and as the recipe, each with its control."""
+    base = M05
+    return (
+        Cell("fedavg", "FedAvg", "fedavg", preset, base),
+        fedavg_em(preset),
+        Cell("ditto", "Ditto (shared model)", "ditto", preset, base),
+        Cell("pfedme", "pFedMe (shared model)", "pfedme", preset, base),
+        Cell("fedjets", "FedJets", "fedjets", preset, base),
+        Cell("hfz-paper", "HyperFedZero as in the paper (per-sample, unanchored)", HFZ, preset,
+             base | PAPER_HFZ),
+        Cell("hfz-paper-control", "HyperFedZero as in the paper, `e` uniform (control)", HFZ,
+             preset, base | PAPER_HFZ | UNIFORM),
+        Cell("hyperfedzero", "HyperFedZero recipe (label-anchored, pooled)", HFZ, preset, base),
+        Cell("control", "HyperFedZero recipe, `e` uniform (control)", HFZ, preset,
+             base | UNIFORM),
+        Cell("hyperfedzero-em", "HyperFedZero recipe + EM prior", HFZ, preset, base | EM_PRIOR),
+        Cell("finetune", "*finetune (labelled reference)*", "finetune", preset, base,
+             reference=True),
+    )
+
+
 HELDOUT_ALPHAS = (0.1, 0.3, 1.0, 10.0)
 ONLINE_PRESETS = ("emnist_mlp", "svhn_lenet", "cifar10_zenkenet", "cifar100_resnet",
                   "tiny_imagenet_resnet")
@@ -180,6 +211,14 @@ SWEEPS: dict[str, Sweep] = {
         tuple(c for a in HELDOUT_ALPHAS
               for c in three("mnist_mlp", {"data.alpha_dir_heldout": a}, f"a{a:g}", x=a)),
         x_label="held-out clients' Dirichlet alpha",
+    ),
+    "style": Sweep(
+        "MNIST-M-like style shift / LeNet, 10 + 5, label and style Dirichlet 0.3",
+        "Preset `style_mnist_lenet`: every client's digits blended into crops of photographs "
+        "from 4 style sources, its style mix and its labels each drawn from Dirichlet(0.3) "
+        "(docs/DATA.md). Server momentum 0.5 for all; LeNet has no BatchNorm, so AdaBN does not "
+        "apply. `finetune` is the labelled reference, not zero-shot.", 10,
+        style_cells("style_mnist_lenet"),
     ),
     "online": Sweep(
         "The paper's online datasets",
