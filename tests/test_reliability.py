@@ -81,7 +81,7 @@ BAD_INPUTS = [
      "data.num_heldout=500"),
     ("unknown-dataset", ["-c", "data.dataset=" + q("mnist2")], "data.dataset: unknown dataset"),
     ("unknown-target", ["-c", "model.target=" + q("vgg")], "model.target: expected one of"),
-    ("unknown-method", ["-c", "run.method=" + q("scaffold")], "run.method: expected one of"),
+    ("unknown-method", ["-c", "run.method=" + q("fedsgd")], "run.method: expected one of"),
     ("device-unknown", ["-c", "run.device=" + q("gpu")], "run.device: expected auto, cpu, cuda"),
     *([("device-cuda-absent", ["-c", "run.device=" + q("cuda:0")],
         "run.device: 'cuda:0' asked for")] if not torch.cuda.is_available() else []),
