@@ -516,6 +516,12 @@ def validate(cfg: Config) -> None:
         )
     if cfg.model.embed_dim == 1:
         raise ConfigError("model.embed_dim: expected 0 (one per class) or >= 2, got 1")
+    if cfg.model.extractor == "backbone" and (cfg.model.generate != "head"
+                                              or cfg.model.conditioning != "param"):
+        raise ConfigError(
+            "model.extractor: 'backbone' reads the generated head's input, so it needs "
+            f"model.generate=head and model.conditioning=param (got {cfg.model.generate!r}, "
+            f"{cfg.model.conditioning!r})")
     if cfg.fedjets.top_k > cfg.fedjets.num_experts:
         raise ConfigError(
             f"fedjets.top_k: expected <= fedjets.num_experts ({cfg.fedjets.num_experts}), "
@@ -526,12 +532,6 @@ def validate(cfg: Config) -> None:
             "server.server_momentum: expected 0 (and server.server_lr 1) with "
             f"server.optimizer=fedadam, got {cfg.server.server_momentum} "
             f"(server_lr {cfg.server.server_lr}); FedAdam's own step is server.fedadam_eta"
-    if cfg.model.extractor == "backbone" and (cfg.model.generate != "head"
-                                              or cfg.model.conditioning != "param"):
-        raise ConfigError(
-            "model.extractor: 'backbone' reads the generated head's input, so it needs "
-            f"model.generate=head and model.conditioning=param (got {cfg.model.generate!r}, "
-            f"{cfg.model.conditioning!r})")
         )
     if cfg.server.min_train_nodes > cfg.data.num_participants:
         raise ConfigError(

@@ -189,14 +189,14 @@ class _GeneratedLayer(nn.Module):
             raise RuntimeError(
                 f"generated layer {self.spec.name!r} called outside HyperFedZeroModel.forward"
             )
+        if callable(gen):  # generated from this layer's input (extractor: backbone)
+            gen = gen(x)
         if isinstance(gen, Factorised):
             if self.mode == "factorised" or (
                 self.mode == "auto" and self._factorise_cheaper(x, gen)
             ):
                 return self._factorised(x, gen)
             gen = self._materialise(gen)
-        if callable(gen):  # generated from this layer's input (extractor: backbone)
-            gen = gen(x)
         return self._materialised(x, gen)
 
     def _materialise(self, gen: Factorised) -> Materialised:
