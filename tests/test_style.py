@@ -181,3 +181,21 @@ def test_style_preset_runs_one_round_with_rgb_inputs(tmp_path: Path):
         row = list(csv.DictReader(f))[-1]
     for key in ("zacc_weighted", "gacc", "pacc_weighted"):
         assert math.isfinite(float(row[key])) and 0 <= float(row[key]) <= 1
+
+
+def test_photographs_are_cached_memory_mapped_and_redecoded_when_damaged(tmp_path, monkeypatch):
+    from hfz_app.data.style import load_photo
+
+    monkeypatch.setenv("HFZ_CACHE", str(tmp_path))
+    photo = STYLE_SOURCES["scenery"][0]
+    load_photo.cache_clear()
+    first = np.array(load_photo(photo, 112))
+    (cached,) = (tmp_path / "arrays" / "style_photos").glob("*.npy")
+    assert first.dtype == np.uint8 and min(first.shape[:2]) == 112 and first.shape[2] == 3
+    load_photo.cache_clear()
+    mapped = load_photo(photo, 112)  # a later process maps the file instead of decoding
+    assert isinstance(mapped, np.memmap) and np.array_equal(mapped, first)
+    cached.write_bytes(cached.read_bytes()[:200])  # truncated: decoded again, not an error
+    load_photo.cache_clear()
+    assert np.array_equal(load_photo(photo, 112), first)
+    load_photo.cache_clear()
