@@ -217,7 +217,7 @@ SWEEPS: dict[str, Sweep] = {
         "Preset `style_mnist_lenet`: every client's digits blended into crops of photographs "
         "from 4 style sources, its style mix and its labels each drawn from Dirichlet(0.3) "
         "(docs/DATA.md). Server momentum 0.5 for all; LeNet has no BatchNorm, so AdaBN does not "
-        "apply. `finetune` is the labelled reference, not zero-shot.", 10,
+        "apply. `finetune` is the labelled reference, not zero-shot.", 15,
         style_cells("style_mnist_lenet"),
     ),
     "online": Sweep(
