@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from hfz_app import console
 from hfz_app.config import Config, ConfigError, load_config, parse_overrides
 from hfz_app.data import DataSourceError, build_federation, load_data
 from hfz_app.data.describe import describe
@@ -354,6 +355,9 @@ def _main(argv: list[str] | None = None) -> int:
                              "GPU). Default: 0 without a visible GPU, else 1, 0.5 or 0.25 (as "
                              "many per GPU as the CPUs run at once, at most 4); 0: CPU only")
     parser.add_argument("--keep-home", action="store_true", help="keep the temporary FLWR_HOME")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show Flower's INFO log (strategy banners, every aggregated "
+                             "MetricRecord); its warnings and errors are always shown")
     args = parser.parse_args(argv)
     try:  # the flags first: one line, before the config, the data and Flower
         cpus_per_client, gpus_per_client = client_resources(
@@ -438,7 +442,8 @@ def _main(argv: list[str] | None = None) -> int:
             print(f"error: flwr run did not start a run:\n{submitted.stdout}{submitted.stderr}",
                   file=sys.stderr)
             return 1
-        flwr("log", run_id, "hfz", "--stream", env=env, capture=False)
+        console.stream([str(BIN / "flwr"), "log", run_id, "hfz", "--stream"], env,
+                       verbose=args.verbose)
         status = json.loads(flwr("ls", "hfz", "--run-id", run_id, "--format", "json",
                                  env=env).stdout)["runs"][0]
         wall = time.monotonic() - started

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from hfz_app import console
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -22,6 +24,12 @@ def test_flwr_run_tiny_completes(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "completed" in proc.stdout
+    # what a person reads: one progress line per round, no Flower INFO detail (--verbose has it)
+    lines = proc.stdout.splitlines()
+    assert [ln.split("]")[0] for ln in lines if ln.startswith("[round")] == \
+        ["[round   0/2", "[round   1/2", "[round   2/2"]
+    assert not any(console.LEVEL.match(ln) and "INFO" in ln for ln in lines), proc.stdout
+    assert len(lines) <= 30, proc.stdout
     with (tmp_path / "tiny" / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [int(r["round"]) for r in rows] == [0, 1, 2]

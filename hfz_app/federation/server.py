@@ -109,7 +109,18 @@ def progress_line(row: dict[str, Any], cfg: Config, num_classes: int = 0) -> str
     if row.get("n_dropped"):
         parts.append(f"dropped {int(row['n_dropped'])}")
     parts.append(f"{row['round_time_s']:.1f}s")
+    elapsed, done = float(row.get("elapsed_s") or 0.0), int(row["round"])
+    if done > 0:  # the rounds so far predict the rest (round 0 is only the initial evaluation)
+        left = elapsed / done * (cfg.run.rounds - done)
+        parts.append(f"{clock(elapsed)} elapsed, ~{clock(left)} left")
     return " | ".join(parts)
+
+
+def clock(seconds: float) -> str:
+    """``m:ss`` (``h:mm:ss`` from an hour)."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 def server_state(strategy: SharedKeys) -> dict[str, Any]:
