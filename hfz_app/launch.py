@@ -43,6 +43,7 @@ from hfz_app.methods import get_method, resolve_device
 from hfz_app.models import target_factory
 from hfz_app.outputs import check_output_dir, run_directory
 from hfz_app.resources import check_fits
+from hfz_app.settings import format_settings, list_presets, resolved_settings
 
 APP_DIR = Path(__file__).resolve().parent.parent
 APPS = {"train": APP_DIR, "zeroshot": APP_DIR / "zeroshot_app"}  # --app: which Flower app runs
@@ -358,7 +359,25 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verbose", action="store_true",
                         help="also show Flower's INFO log (strategy banners, every aggregated "
                              "MetricRecord); its warnings and errors are always shown")
+    parser.add_argument("--list-presets", action="store_true",
+                        help="list the presets (conf/*.yaml) with one line each, then exit")
+    parser.add_argument("--show-config", action="store_true",
+                        help="print the preset's resolved settings with -c overrides, each with "
+                             "where its value comes from (default, preset, override), then exit")
     args = parser.parse_args(argv)
+    if args.list_presets:
+        width = max(len(name) for name, _ in list_presets())
+        print("\n".join(f"{name:<{width}}  {line}" for name, line in list_presets()))
+        return 0
+    if args.show_config:
+        try:
+            rows = resolved_settings(args.preset, parse_overrides(args.run_config))
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(f"# preset {args.preset}" + (" + overrides" if args.run_config else ""))
+        print(format_settings(rows))
+        return 0
     try:  # the flags first: one line, before the config, the data and Flower
         cpus_per_client, gpus_per_client = client_resources(
             args.cpus_per_client, args.gpus_per_client, gpus=visible_gpus(), cpus=usable_cpus())
