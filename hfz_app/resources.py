@@ -30,24 +30,46 @@ SIZE_KEYS = ("model.chunk_size", "model.embed_dim", "model.hidden", "model.chunk
 @dataclass(frozen=True)
 class Estimate:
     """One process's memory for a training step: parameters (weights, gradients, optimiser
-    state) and the step's largest activations (weights generated per sample)."""
+    state) and the step's activations (every layer's output, weights generated per sample)."""
 
     parameters: int
-    generated_per_step: int
+    activations: int  # values one training step keeps for its backward pass
     optimiser_states: int
 
     @property
     def bytes(self) -> int:
-        """Weights + gradients + optimiser state, and the generated weights kept for the backward
-        pass (value and gradient)."""
-        return BYTES * ((2 + self.optimiser_states) * self.parameters
-                        + 2 * self.generated_per_step)
+        """Weights + gradients + optimiser state, and the activations saved for the backward
+        pass (their gradients are freed layer by layer as it goes)."""
+        return BYTES * ((2 + self.optimiser_states) * self.parameters + self.activations)
+
+
+def _forward_values(model: torch.nn.Module, batch: int, input_shape: tuple[int, ...]) -> int:
+    """Values every leaf module outputs in one training forward of ``batch`` inputs, run on the
+    meta device (shapes only); 0 where a model's forward cannot run there."""
+    total = 0
+
+    def count(module: torch.nn.Module, inputs: object, output: object) -> None:
+        nonlocal total
+        outputs = output if isinstance(output, (tuple, list)) else [output]
+        total += sum(o.numel() for o in outputs if isinstance(o, torch.Tensor))
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if not any(m.children())]
+    try:
+        model.train()
+        model(torch.zeros(batch, *input_shape, device="meta"))
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+        return 0
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return total
 
 
 def estimate(cfg: Config, input_shape: tuple[int, int, int], num_classes: int) -> Estimate:
-    """The model of ``cfg`` built on the meta device: its parameter count and the generated
-    values one training step holds (``granularity: sample`` materialises one weight set per
-    sample in the flat layout or without ``factorised``; the flat layout pads to whole chunks).
+    """The model of ``cfg`` built on the meta device: its parameter count, and the values one
+    training step holds: every layer's output in a forward of ``train.batch_size`` inputs, at
+    least the generated weights (``granularity: sample`` materialises one weight set per sample
+    in the flat layout or without ``factorised``; the flat layout pads to whole chunks).
     Model settings only a build can check raise their own one-line ValueError here."""
     from hfz_app.methods import get_method
 
@@ -63,7 +85,9 @@ def estimate(cfg: Config, input_shape: tuple[int, int, int], num_classes: int) -
             per_set = math.ceil(per_set / m.chunk_size) * m.chunk_size
         per_sample = m.granularity == "sample" and (m.chunk_layout == "flat" or not m.factorised)
         generated = per_set * (cfg.train.batch_size if per_sample else 1)
-    return Estimate(parameters, generated, 2 if cfg.train.optimizer == "adam" else 1)
+    with torch.device("meta"):
+        forward = _forward_values(model, cfg.train.batch_size, input_shape)
+    return Estimate(parameters, max(generated, forward), 2 if cfg.train.optimizer == "adam" else 1)
 
 
 def available_bytes(device: str = "cpu") -> int:
@@ -123,7 +147,7 @@ def check_fits(cfg: Config, input_shape: tuple[int, int, int], num_classes: int,
     value = getattr(getattr(cfg, section), key)
     raise ConfigError(
         f"{culprit}: {value!r} needs an estimated {_gib(need)} ({est.parameters:,} parameters, "
-        f"{est.generated_per_step:,} generated values per step, x{processes} processes), more "
+        f"{est.activations:,} activation values per step, x{processes} processes), more "
         f"than the {_gib(limit)} of memory available here")
 
 

@@ -139,6 +139,9 @@ BAD = [
      "train.batch_size: 100000000 needs"),
     ("flat-per-sample-batch", ["-c", "model.chunk_layout=" + q("flat"), "-c",
                                "train.batch_size=100000000"], "train.batch_size: 100000000"),
+    ("resnet-activations", ["--preset", "tiny_imagenet_resnet", "-c", "data.synthetic=true",
+                            "-c", "train.batch_size=10000000"],
+     "train.batch_size: 10000000 needs"),  # parameters unchanged: the activations are too many
     ("fedjets-experts", ["-c", "run.method=" + q("fedjets"), "-c",
                          "fedjets.num_experts=100000000", "-c", "fedjets.top_k=1"],
      "fedjets.num_experts: expected a value <= 4096"),
@@ -205,7 +208,7 @@ def no_process(monkeypatch) -> list[list[str]]:
 def test_bad_input_exits_2_with_one_line_before_flower(files: Path, no_process, capsys,
                                                       args: list[str], needle: str) -> None:
     args = [a.replace("{d}", str(files)) for a in args]
-    if "--app" not in args:
+    if "--app" not in args and "--preset" not in args:
         args = ["--preset", "tiny", *args]
     code = launch(args)
     out, err = capsys.readouterr()
@@ -219,6 +222,20 @@ def test_bad_input_exits_2_with_one_line_before_flower(files: Path, no_process, 
 
 def test_the_matrix_has_40_distinct_cases() -> None:
     assert len(BAD) >= 40 and len({c[0] for c in BAD}) == len(BAD)
+
+
+def test_every_preset_fits_in_4_gib_with_three_processes() -> None:
+    """No false refusals: the estimate of each preset (its dataset's shape and classes), for the
+    ServerApp and two ClientApps at once, stays far below a small machine's memory."""
+    from hfz_app.config import CONF_DIR
+    from hfz_app.data.sources import source_info
+    from hfz_app.resources import check_fits
+
+    for preset in sorted(p.stem for p in CONF_DIR.glob("*.yaml")):
+        cfg = load_config(preset)
+        source = source_info(cfg.data.dataset)
+        est = check_fits(cfg, source.shape, source.num_classes, processes=3, limit_bytes=4 * 2**30)
+        assert est.parameters > 10_000 and est.activations > 10_000, (preset, est)
 
 
 # --- the output folder: what stays allowed ------------------------------------------------------
