@@ -148,7 +148,7 @@ class RunOutputs:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, (ax_acc, ax_emb) = plt.subplots(1, 2, figsize=(11, 4))
+        fig, (ax_acc, ax_emb, ax_sep) = plt.subplots(1, 3, figsize=(16, 4))
         for key, label in (("zacc_weighted", "zACC (held-out)"), ("gacc", "gACC (global test)"),
                            ("pacc_weighted", "pACC (participants)")):
             points = [(r["round"], r[key]) for r in self.rows if _present(r.get(key))]
@@ -167,6 +167,18 @@ class RunOutputs:
         ax_emb.grid(alpha=0.3)
         if ax_emb.lines:
             ax_emb.legend()
+        # collapse diagnostics: sharp per-sample embeddings, and held-out clients landing apart
+        for key, label in (("embed_entropy_participants", "mean H(e), participants"),
+                           ("embed_entropy_heldout", "mean H(e), held-out"),
+                           ("embed_distance_heldout", "distance between held-out clients' "
+                                                      "mean e")):
+            points = [(r["round"], r[key]) for r in self.rows if _present(r.get(key))]
+            if points:
+                ax_sep.plot(*zip(*points), marker="o", ms=3, label=label)
+        ax_sep.set(xlabel="round", title="collapse diagnostics (docs/DESIGN.md)")
+        ax_sep.grid(alpha=0.3)
+        if ax_sep.lines:
+            ax_sep.legend(fontsize=8)
         fig.tight_layout()
         path = self.dir / "curves.png"
         fig.savefig(path, dpi=110)

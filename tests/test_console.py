@@ -49,3 +49,27 @@ def test_progress_line_says_time_elapsed_and_left() -> None:
     assert "left" not in progress_line({"round": 0, "gacc": 0.1, "round_time_s": 0.0,
                                         "elapsed_s": 0.0}, cfg)
     assert (clock(59.6), clock(3725)) == ("1:00", "1:02:05")
+
+
+def test_curves_show_accuracy_usage_and_the_collapse_diagnostics(tmp_path, monkeypatch) -> None:
+    """curves.png: accuracies, embedding usage, and per-sample entropy with the distance
+    between held-out clients' mean embeddings (the collapse diagnostics)."""
+    import matplotlib.figure
+
+    from hfz_app.outputs import RunOutputs
+
+    drawn = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, path, **kw: drawn.append(fig))
+    outputs = RunOutputs(load_config("tiny"), tmp_path / "run")
+    for r in (1, 2):
+        outputs.log_round({"round": r, "gacc": 0.5, "zacc_weighted": 0.5, "pacc_weighted": 0.5,
+                           "embed_usage_participants": 3.0, "embed_usage_heldout": 2.5,
+                           "embed_entropy_participants": 1.0, "embed_entropy_heldout": 1.1,
+                           "embed_distance_heldout": 0.2 * r})
+    outputs.plot()
+    (fig,) = drawn
+    labels = [[line.get_label() for line in ax.lines] for ax in fig.axes]
+    assert labels[1] == ["participants", "held-out"]
+    assert labels[2] == ["mean H(e), participants", "mean H(e), held-out",
+                         "distance between held-out clients' mean e"]
