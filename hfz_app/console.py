@@ -48,6 +48,9 @@ def stream(cmd: list[str], env: dict[str, str], verbose: bool = False,
         for line in filtered(proc.stdout, verbose):
             out.write(line)
             out.flush()
+    except BaseException:  # the launcher interrupted (SIGINT/SIGTERM): do not wait for the run
+        proc.kill()
+        raise
     finally:
         proc.stdout.close()
         code = proc.wait()
