@@ -83,7 +83,7 @@ DEPLOY_ARGS ?= --rounds 1
 deploy: setup ## TLS + SuperNode-auth deployment on 127.0.0.1 (docs/DEPLOY.md)
 	deploy/loopback.sh $(DEPLOY_ARGS)
 
-# Benchmark suite through `flwr run` (README "Benchmarks"): one sweep, resumable, then the
+# Benchmark suite through `flwr run` (docs/BENCHMARKS.md): one sweep, resumable, then the
 # report: make sweep SWEEP=scale SEEDS=0,1,2 SWEEP_ARGS="--rounds 10"
 SWEEP ?= mnist
 SEEDS ?= 0,1,2
