@@ -138,13 +138,13 @@ def render(args, argv: list[str], tests: tuple[int, str], timers: list[StepTimer
     lines = ["# CUDA check", "", *written_by("gpu_check", argv), f"Machine: {machine()}",
              f"GPU: {gpu}", "",
              "## 1. Device tests", "",
-             f"`HFZ_TEST_DEVICE={args.device} python -m pytest {' '.join(DEVICE_TESTS)}`: "
-             f"{tests[1]} (exit {tests[0]}).", "",
+             (f"`HFZ_TEST_DEVICE={args.device} python -m pytest {' '.join(DEVICE_TESTS)}`: "
+              f"{tests[1]} (exit {tests[0]})."), "",
              "## 2. Training-step time (ms, median over repeats)", "",
-             f"Batch {args.batch}, {args.steps} steps per repeat, {args.repeats} repeats, "
-             f"interleaved. HyperFedZero: the recipe (`{RECIPE}`); `amp`: `train.amp=true` "
-             "(bfloat16 autocast). Ratios are to the plain target on the same device, and CPU "
-             "over GPU for the same step.", "",
+             (f"Batch {args.batch}, {args.steps} steps per repeat, {args.repeats} repeats, "
+              f"interleaved. HyperFedZero: the recipe (`{RECIPE}`); `amp`: `train.amp=true` "
+              "(bfloat16 autocast). Ratios are to the plain target on the same device, and CPU "
+              "over GPU for the same step."), "",
              "| step | device | ms | / plain | CPU / this |", "|---|---|---:|---:|---:|"]
     med = {(t.label, t.device.type): statistics.median(t.ms) for t in timers}
     for timer in timers:
@@ -158,9 +158,9 @@ def render(args, argv: list[str], tests: tuple[int, str], timers: list[StepTimer
                      f"{med[(timer.label, dev)] / plain:.2f}x | {speedup} |")
     if fed is not None:
         lines += ["", "## 3. `flwr run`: ResNet-20 on the synthetic CIFAR-100 stand-in", "",
-                  f"`cifar100_resnet`, `data.synthetic=true`, `run.device={args.device}`, launcher "
-                  f"`{fed[1] or '(no GPU flag)'}`. Accuracies on generated data measure only that "
-                  "the run works.", "",
+                  (f"`cifar100_resnet`, `data.synthetic=true`, `run.device={args.device}`, "
+                   f"launcher `{fed[1] or '(no GPU flag)'}`. Accuracies on generated data measure "
+                   "only that the run works."), "",
                   "| rounds | zACC | gACC | pACC | wall s |", "|---:|---:|---:|---:|---:|", fed[0]]
     return "\n".join(lines) + "\n"
 

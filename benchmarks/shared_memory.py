@@ -138,13 +138,13 @@ def main(argv: list[str] | None = None) -> int:
                               f"{r['pss_sum']:,} | {r['used']:,} |")
     header = ["# Memory of processes sharing one dataset", "",
               *written_by("shared_memory", argv), f"Machine: {machine()}", "",
-              "MiB. Each process loads the dataset and reads every byte; all N hold it while "
+              ("MiB. Each process loads the dataset and reads every byte; all N hold it while "
               "their memory is read. RSS counts shared file pages in every process that maps "
               "them, so with the memory-mapped cache it stays near the dataset's size in each; "
               "USS (the process's private pages) and PSS (shared pages split among the "
               "processes) show what each costs, and the machine's `MemAvailable` drop what all "
               "N cost together (page-cache pages of the mapped file are counted once there, "
-              "and not at all if they were cached before).", ""]
+              "and not at all if they were cached before)."), ""]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(header + table.lines) + "\n")
     print(f"written: {args.out}")

@@ -170,8 +170,8 @@ class RunOutputs:
         # collapse diagnostics: sharp per-sample embeddings, and held-out clients landing apart
         for key, label in (("embed_entropy_participants", "mean H(e), participants"),
                            ("embed_entropy_heldout", "mean H(e), held-out"),
-                           ("embed_distance_heldout", "distance between held-out clients' "
-                                                      "mean e")):
+                           ("embed_distance_heldout",
+                            "distance between held-out clients' mean e")):
             points = [(r["round"], r[key]) for r in self.rows if _present(r.get(key))]
             if points:
                 ax_sep.plot(*zip(*points), marker="o", ms=3, label=label)

@@ -67,6 +67,7 @@ def test_a_method_trains_replies_and_evaluates_on_the_device(method: str) -> Non
                                                       torch.Generator().manual_seed(1))
     heldout = runtime.evaluate_heldout(received, xh, yh)
     frozen = runtime.frozen(reply, "device test")
+    assert on_device(frozen) and not any(p.requires_grad for p in frozen.parameters())
     for result in (participant, heldout):
         assert 0.0 <= result["accuracy"] <= 1.0 and torch.isfinite(torch.tensor(result["loss"]))
 

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 
 datasets = pytest.importorskip("datasets")
-from PIL import Image  # noqa: E402  (Pillow comes with datasets)
+from PIL import Image  # Pillow comes with datasets
 
-from hfz_app.data import hub, sources  # noqa: E402
-from hfz_app.data.__main__ import main as data_cli  # noqa: E402
-from hfz_app.data.sources import DataSourceError, load_dataset  # noqa: E402
+from hfz_app.data import hub, sources
+from hfz_app.data.__main__ import main as data_cli
+from hfz_app.data.sources import DataSourceError, load_dataset
 
 ROWS = {"train": 14, "test": 6}  # per split; enough to cover every branch, fast to build
 

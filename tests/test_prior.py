@@ -47,7 +47,7 @@ def test_one_em_step_by_hand():
 def test_the_corrected_logits_score_a_skewed_client_better():
     """Logits of a classifier trained on a uniform prior, on a client whose labels are 70/20/10:
     adding log q - log p_train raises accuracy (the Bayes rule for the client's prior)."""
-    x, y, log_likelihood = gaussian_mixture([0.7, 0.2, 0.1], seed=1)
+    _, y, log_likelihood = gaussian_mixture([0.7, 0.2, 0.1], seed=1)
     logits = log_likelihood  # uniform training prior: logits = log-likelihood + constant
     shift = prior_shift(logits.softmax(1))
     plain = float((logits.argmax(1) == y).float().mean())

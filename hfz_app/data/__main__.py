@@ -67,7 +67,7 @@ def export(name: str, file: Path) -> None:
 def import_(file: Path) -> Path:
     """Install an exported tar file into this machine's cache; the dataset's cache folder."""
     try:
-        tar = tarfile.open(file)
+        tar = tarfile.open(file)  # noqa: SIM115 -- closed by the with below; only open() fails here
     except (OSError, tarfile.TarError) as err:
         raise DataSourceError(f"{file}: not a readable export ({err})") from None
     with tar:

@@ -215,7 +215,8 @@ def _download(name: str, spec: HubIdxSpec, filename: str) -> Path:
         raise DataSourceError(
             f"{name}: needs internet to download {spec.repo} from the Hugging Face hub ({why}); "
             f"offline, fetch it on a machine with internet (`python -m hfz_app.data fetch "
-            f"{name}`, then `export`/`import`)")
+            f"{name}`, then `export`/`import`), or use data.dataset=folder "
+            f"data.data_dir=<folder of its idx files>")
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 

@@ -118,7 +118,7 @@ def progress_line(row: dict[str, Any], cfg: Config, num_classes: int = 0) -> str
 
 def clock(seconds: float) -> str:
     """``m:ss`` (``h:mm:ss`` from an hour)."""
-    minutes, secs = divmod(int(round(seconds)), 60)
+    minutes, secs = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 

@@ -197,9 +197,14 @@ class MethodRuntime:
             x_dev = x.to(self.device)
             predict = self.method.predictor(model, x_dev, zeroshot)
             if logit_shift is not None:
-                shift = logit_shift.to(self.device)
-                predict = (lambda base: lambda batch: base(batch) + shift)(predict)
+                predict = _shifted(predict, logit_shift.to(self.device))
             result = evaluate_logits(predict, x, y, device=self.device)
             extra = self.method.diagnostics(model, x_dev) if diagnostics else {}
         return {"accuracy": result.accuracy, "loss": result.loss,
                 "num-examples": result.num_examples, **(tags or {}), **extra}
+
+
+def _shifted(predict: Callable[[torch.Tensor], torch.Tensor], shift: torch.Tensor
+             ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``predict`` with ``shift`` added to every row of logits."""
+    return lambda batch: predict(batch) + shift
