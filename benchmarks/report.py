@@ -100,7 +100,11 @@ class Table:
 
     @property
     def slug(self) -> str:
-        return f"{self.sweep}-r{self.rounds}" if self.rounds else self.sweep
+        """The plot's file name: unique per table (two tables of one sweep and rounds, e.g. a
+        tuning screen in its own results file, must not overwrite each other's plot)."""
+        base = f"{self.sweep}-r{self.rounds}" if self.rounds else self.sweep
+        stem = Path(self.source).stem
+        return base if stem in (self.sweep, "") else f"{base}-{stem}"
 
     def command(self) -> str:
         """The sweep command that reruns exactly this table's rows (or the one its records name:
