@@ -173,7 +173,7 @@ def run_server(grid: Grid, context: Context) -> RunOutputs:
     """Train with the configured method, evaluating pACC, zACC and gACC as configured.
 
     ``run.resume=true``: continue the latest ``outputs/<run.name>[-N]`` from its last checkpoint
-    (shared arrays, server momentum, metrics rows) to ``run.rounds``; see README "Reliability"."""
+    (shared arrays, server momentum, metrics rows) to ``run.rounds``; see docs/RELIABILITY.md."""
     job = job_for(from_run_config(context.run_config))
     cfg, runtime = job.cfg, job.runtime
     resume_dir, done = find_resume_point(cfg) if cfg.run.resume else (None, 0)

@@ -3,7 +3,7 @@
 Dun et al. 2023 ("FedJETs: Efficient Just-In-Time Personalization with Federated Mixture of
 Experts") route each input through a shared gating function to its top experts, so a new client
 gets a mixture that follows its own data with no fine-tuning. Their code is not public; this is the
-simplest faithful version (what is simplified is listed in the README):
+simplest faithful version (what is simplified is listed in docs/METHODS.md):
 
 - the gate is a small MLP on the raw input (FedJets feeds it a pretrained common expert's
   embedding), trained jointly from scratch;
