@@ -43,6 +43,7 @@ from hfz_app.evaluation.metrics import evaluation_reply, summarise_evaluation
 from hfz_app.federation.roles import ZEROSHOT_MESSAGE_TYPE, Roles
 
 log = logging.getLogger("hfz_app")
+BN_STATISTICS = (".running_mean", ".running_var")  # averaged, never stepped by the server
 
 
 @contextlib.contextmanager
@@ -196,10 +197,33 @@ class SharedKeys:
         """The Flower strategy's aggregation over the replies that fit, in partition order."""
         kept = self.accept_replies(server_round, replies)
         arrays, metrics = super().aggregate_train(server_round, kept)  # type: ignore[misc]
+        if arrays is not None:
+            arrays = self.averaged_statistics(arrays, kept)
         if metrics is not None:
             self.round_stats.setdefault(server_round, {}).update(
                 {k: float(v) for k, v in metrics.items() if not isinstance(v, list)})
         return arrays, metrics
+
+    def averaged_statistics(self, arrays: ArrayRecord, kept: Sequence[Message]) -> ArrayRecord:
+        """``arrays`` with BatchNorm running statistics (``*.running_mean``, ``*.running_var``)
+        set to the replies' sample-weighted mean. They are estimates, not trained weights: a
+        server step on them (FedAvgM's momentum, FedAdam) extrapolates, and drove a shrinking
+        variance below zero (NaN logits) on docs/ADOPTING.md's CNN with server momentum 0.5."""
+        keys = [k for k in arrays if k.endswith(BN_STATISTICS)]
+        if not keys or not kept:
+            return arrays
+        weight_key = self.weighted_by_key  # type: ignore[attr-defined]
+        weights = np.array([float(next(iter(m.content.metric_records.values()))[weight_key])
+                            for m in kept])
+        weights = weights / weights.sum() if weights.sum() > 0 else np.ones(len(kept)) / len(kept)
+        records = [m.content[self.arrayrecord_key] for m in kept]  # type: ignore[attr-defined]
+        out = {}
+        for key, value in arrays.items():
+            if key in keys:
+                mean = sum(w * r[key].numpy().astype(np.float64) for w, r in zip(weights, records))
+                value = Array(np.asarray(mean).astype(value.numpy().dtype, copy=False))
+            out[key] = value
+        return ArrayRecord(out)
 
     def accept_replies(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
         """The train replies that fit (no error; one ArrayRecord with exactly the shared arrays,
