@@ -9,23 +9,29 @@ buffers that option ``bn_stats`` keeps local) in ``context.state``. These helper
     ...train with HyperFedZeroLoss(model) and model.param_groups(lr)...
     reply = shared_arrays(model, context.state)                # was: ArrayRecord(model.state_dict())
 
-Worked example: ``examples/existing-project/``.
+The recipe behind the reported numbers: ``recipe_options()`` (model options),
+``recipe_options("train")`` (``param_groups(..., hyper_output_lr_scale=)``,
+``LabelPriorBatchSampler``), ``recipe_options("server")`` (the strategy). Worked example:
+``examples/existing-project/``; the whole path with zero-shot evaluation and export:
+``docs/ADOPTING.md``.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, RecordDict
 from torch import Tensor, nn
+from torch.utils.data import Sampler
 
 from hfz_app.arrays import keep_personal, load_arrays, select, to_record
-from hfz_app.config import ConfigError, ModelSection, _build
+from hfz_app.config import CONF_DIR, ConfigError, ModelSection, _build, read_yaml
 from hfz_app.hyper.wrapper import HFZOutput, HyperFedZeroModel
+from hfz_app.training import batch_indices
 
 _NOT_OPTIONS = {"target": "the module you pass is the target"}
 
@@ -33,6 +39,28 @@ _NOT_OPTIONS = {"target": "the module you pass is the target"}
 def model_options() -> list[str]:
     """The keyword options :func:`hyperfedzero` accepts (the ``model.`` config keys)."""
     return sorted(f.name for f in dataclasses.fields(ModelSection) if f.name not in _NOT_OPTIONS)
+
+
+RECIPE_FILE = CONF_DIR / "hyperfedzero_recipe.yaml"
+RECIPE_SECTIONS = ("model", "train", "server")
+
+
+def recipe_options(section: str = "model") -> dict[str, Any]:
+    """One section of the recipe every reported number uses (``conf/hyperfedzero_recipe.yaml``,
+    read on each call so that it cannot drift from the presets):
+
+    - ``"model"``: the keyword options of :func:`hyperfedzero`
+      (``hyperfedzero(Net(), shape, classes, **recipe_options())``);
+    - ``"train"``: ``hyper_output_lr_scale`` (for ``model.param_groups``) and ``prior_alpha``
+      (for :class:`LabelPriorBatchSampler`);
+    - ``"server"``: ``server_momentum`` (for :class:`~hfz_app.HyperFedZeroStrategy`).
+    """
+    if section not in RECIPE_SECTIONS:
+        raise ConfigError(f"section: expected one of {', '.join(RECIPE_SECTIONS)}, got {section!r}")
+    tree = read_yaml(RECIPE_FILE).get(section) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{RECIPE_FILE}: {section}: expected a mapping of keys")
+    return dict(tree)
 
 
 def hyperfedzero(
@@ -143,18 +171,80 @@ def load_shared(model: nn.Module, arrays: ArrayRecord, state: RecordDict | None 
     load_arrays(hfz, hfz.shared_keys(), arrays, "load_shared", state)
 
 
+class LabelPriorBatchSampler(Sampler[list[int]]):
+    """Label-prior batches for a ``DataLoader(dataset, batch_sampler=...)``: each batch first
+    draws its label mix ``q ~ Dir(prior_alpha)`` over the client's classes, then ``batch_size``
+    indices (with replacement) whose labels follow ``q``.
+
+    Why: trained with ``granularity: client``, the hypernetwork sees the embedding pooled over
+    a batch; with every batch of a client alike it has nothing to learn from it (docs/RECIPE.md).
+    ``prior_alpha=0``: plain shuffled batches, every sample once. Each pass (epoch) draws new
+    batches; ``seed=None`` seeds from torch's global generator (``torch.manual_seed``).
+    """
+
+    def __init__(self, labels: Sequence[int] | Tensor, batch_size: int, prior_alpha: float = 1.0,
+                 seed: int | None = None) -> None:
+        self.labels = torch.as_tensor(labels).reshape(-1).long().cpu()
+        if len(self.labels) == 0:
+            raise ValueError("labels: expected at least one label, got none")
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+        if not float(prior_alpha) >= 0:
+            raise ValueError(f"prior_alpha: expected >= 0, got {prior_alpha}")
+        self.batch_size, self.prior_alpha = int(batch_size), float(prior_alpha)
+        if seed is None:
+            seed = int(torch.randint(2**31 - 1, (1,)))
+        self.generator = torch.Generator().manual_seed(int(seed))
+
+    def __len__(self) -> int:
+        return (len(self.labels) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for idx in batch_indices(self.labels, self.batch_size, self.generator, self.prior_alpha):
+            yield idx.tolist()
+
+
 @torch.no_grad()
-def zero_shot_model(
-    model: HyperFedZeroModel, module: nn.Module, x_unlabelled: Tensor, batch_size: int = 512
-) -> nn.Module:
-    """Deploy: ``module`` (your bare class, e.g. ``Net()``) loaded with the one weight set the
-    frozen shared model generates from a client's pooled embedding (mean of ``e`` over its
-    unlabelled inputs); no labels, no gradient step. Puts ``model`` in eval mode (no noise).
-    Checkpoint-based export of the app's own runs: ``python -m hfz_app.export``."""
-    hfz = _check_model(model, "zero_shot_model")
+def client_embedding(model: nn.Module, inputs: Tensor | Iterable[Tensor],
+                     batch_size: int = 512) -> Tensor:
+    """A client's distribution embedding [d]: the mean of ``e`` over *all* of its unlabelled
+    ``inputs`` (one tensor, or batches of it, e.g. ``(b["img"] for b in loader)``).
+
+    Why: ``model(x)`` pools over the batch ``x`` it is given, so evaluating batch by batch
+    conditions each batch on itself; ``model(x, embedding=client_embedding(model, all_x))``
+    uses the one weight set the client gets (``granularity: client``). Puts ``model`` in eval
+    mode (no noise); the sum runs in float64, so batching does not change the result.
+    """
+    hfz = _check_model(model, "client_embedding")
     hfz.eval()
     param = next(hfz.parameters())  # follow the model's device and dtype (float64 too)
-    x = x_unlabelled.to(param.device, param.dtype if x_unlabelled.is_floating_point() else None)
-    weights = hfz.generate(hfz.pooled_embedding(x, batch_size))
+    batches = [inputs] if isinstance(inputs, Tensor) else inputs
+    total = torch.zeros(hfz.embed_dim, dtype=torch.float64, device=param.device)
+    count = 0
+    for batch in batches:
+        if not isinstance(batch, Tensor):
+            raise TypeError(f"inputs: expected tensors of inputs, got a {type(batch).__name__} "
+                            "(pass the images only, e.g. b['img'] for b in loader)")
+        x = batch.to(param.device, param.dtype if batch.is_floating_point() else None)
+        for i in range(0, len(x), batch_size):
+            total += hfz.embed(x[i : i + batch_size]).double().sum(0)
+        count += len(x)
+    if count == 0:
+        raise ValueError("inputs: expected at least one input, got none")
+    return (total / count).to(param.dtype)
+
+
+@torch.no_grad()
+def zero_shot_model(
+    model: HyperFedZeroModel, module: nn.Module, x_unlabelled: Tensor | Iterable[Tensor],
+    batch_size: int = 512,
+) -> nn.Module:
+    """Deploy: ``module`` (your bare class, e.g. ``Net()``) loaded with the one weight set the
+    frozen shared model generates from a client's pooled embedding (:func:`client_embedding` of
+    its unlabelled inputs: one tensor or batches); no labels, no gradient step. Puts ``model`` in
+    eval mode (no noise). Checkpoint-based export of the app's own runs: ``python -m
+    hfz_app.export``."""
+    hfz = _check_model(model, "zero_shot_model")
+    weights = hfz.generate(client_embedding(hfz, x_unlabelled, batch_size))
     module.load_state_dict(weights)
-    return module.to(param.device).eval()
+    return module.to(next(hfz.parameters()).device).eval()

@@ -268,13 +268,25 @@ class HyperFedZeroModel(nn.Module):
     # -- optimisation and federation -----------------------------------------------------------
 
     def param_groups(
-        self, lr: float, train_cfg: TrainSection | None = None
+        self, lr: float, train_cfg: TrainSection | None = None, *,
+        hyper_output_lr_scale: float | None = None, extractor_lr_scale: float | None = None,
     ) -> list[dict[str, Any]]:
         """Optimiser groups: hypernetwork output layers at ``lr * hyper_output_lr_scale``
         (each of their entries moves many generated values: Adam moves generated weights 17-20x
         faster than ordinary ones), the extractor at ``lr * extractor_lr_scale``, the rest at ``lr``.
+
+        The scales come from ``train_cfg`` (default: ``TrainSection()``'s, 0.01 and 1.0); the
+        keyword arguments override it, e.g. ``hyper_output_lr_scale=1.0`` as the recipe
+        (``hfz_app.recipe_options("train")``) has it.
         """
         train_cfg = train_cfg or TrainSection()
+        scales = {"hyper_output_lr_scale": hyper_output_lr_scale,
+                  "extractor_lr_scale": extractor_lr_scale}
+        for name, value in scales.items():
+            if value is not None and not value > 0:
+                raise ValueError(f"{name}: expected > 0, got {value}")
+        train_cfg = dataclasses.replace(
+            train_cfg, **{k: float(v) for k, v in scales.items() if v is not None})
         out = [
             p for m in (self.hyper.output_layers() if self.hyper else []) for p in m.parameters()
         ]
