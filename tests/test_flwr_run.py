@@ -67,5 +67,5 @@ def test_dataset_needing_internet_fails_fast_before_flower_starts() -> None:
     )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: emnist: needs internet")
+    assert len(lines) == 1 and lines[0].startswith("error: emnist_letters: needs internet")
     assert "data.dataset=folder" in lines[0]
