@@ -1,7 +1,7 @@
 """HyperFedZero on Flower.
 
-The public API for using HyperFedZero inside an existing Flower project (README section "Use
-HyperFedZero in your own Flower project", worked example in ``examples/existing-project/``):
+The public API for using HyperFedZero inside an existing Flower project (the guide:
+``docs/ADOPTING.md``; worked example in ``examples/existing-project/``):
 
 ===========================  ====================================================================
 ``hyperfedzero``             wrap your own torch module: ``hyperfedzero(Net(), (1, 28, 28), 10)``

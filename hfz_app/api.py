@@ -72,7 +72,7 @@ def hyperfedzero(
     """Wrap your own torch ``module`` (left unmodified) as a HyperFedZero model.
 
     ``input_shape`` is one sample's ``(channels, height, width)`` (flat features: ``(1, 1, F)``);
-    ``options`` are the ``model.`` keys of the README's design table (``embed_dim=16``,
+    ``options`` are the ``model.`` keys of docs/DESIGN.md's "The keys" (``embed_dim=16``,
     ``generate="head"``, ``alpha=0.01``...). An unknown or invalid option raises a one-line
     :class:`~hfz_app.config.ConfigError` naming it. Every node must build the model with the same
     options, since they fix the shared keys.
