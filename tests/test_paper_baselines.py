@@ -52,7 +52,7 @@ def test_scaffold_corrected_step_and_variate_by_hand() -> None:
     """One plain SGD step (K=1): y = x - lr (g - c_i + c), and c_i+ = c_i - c + (x - y)/lr = g."""
     lr = 0.1
     method, model = scaffold_on(torch.nn.Linear(2, 2, bias=False),
-                                **{"train.lr": lr, "train.momentum": 0.0})
+                                **{"train.lr": lr, "scaffold.lr": 0.0, "train.momentum": 0.0})
     w0 = torch.tensor([[0.5, -1.0], [2.0, 0.25]])
     ci = torch.tensor([[0.1, 0.2], [-0.3, 0.4]])
     c = torch.tensor([[1.0, -0.5], [0.0, 2.0]])
