@@ -2,7 +2,7 @@
 folders (each run's ``metrics.csv``).
 
     python -m benchmarks.sweep --sweep mnist --seeds 0,1,2 --only-cells fedavg,hyperfedzero,control \\
-        --results benchmarks/results/curves.jsonl --runs-dir outputs/curves
+        --results outputs/curves/curves.jsonl --runs-dir outputs/curves
     python -m benchmarks.curves --sweep mnist --cells fedavg,fedavg-em,hyperfedzero,control \\
         --runs outputs/curves --runs outputs/sweeps --out docs/results/mnist-zacc-rounds.png
 """
