@@ -268,7 +268,23 @@ def stop_run(procs: list[subprocess.Popen], marker: str, timeout_s: float = 30.0
         while left and time.monotonic() < deadline:
             time.sleep(0.2)
             left = run_processes(marker)
+    kill_late_spawns(marker)
     stop_process_groups(procs, timeout_s)  # reap ours (SIGKILL if still running)
+
+
+def kill_late_spawns(marker: str, quiet_s: float = 1.0, timeout_s: float = 10.0) -> None:
+    """SIGKILL what still carries ``marker`` until none has for ``quiet_s``: a process can start
+    while the others stop (a Ray worker or ClientApp process requested just before), after the
+    last scan above."""
+    deadline, quiet_since = time.monotonic() + timeout_s, time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - quiet_since < quiet_s:
+        late = run_processes(marker)
+        for pid in late:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        if late:
+            quiet_since = time.monotonic()
+        time.sleep(0.1)
 
 
 class Interrupted(Exception):
