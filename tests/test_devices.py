@@ -104,6 +104,11 @@ def test_the_public_api_keeps_a_module_on_its_device() -> None:
     assert on_device(personal) and personal(x).shape == (len(x), CLASSES)
 
 
+def cross_entropy(m: nn.Module, xb: torch.Tensor, yb: torch.Tensor):
+    """A plain loss in train_epochs' form: (loss, named parts)."""
+    return nn.functional.cross_entropy(m(xb), yb), {}
+
+
 def step_sync_warnings(epochs: int) -> int:
     """Host syncs CUDA reports while ``train_epochs`` runs ``epochs`` epochs of 8 steps."""
     torch.manual_seed(0)
@@ -111,16 +116,13 @@ def step_sync_warnings(epochs: int) -> int:
     x, y = data(256)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
 
-    def loss(m: nn.Module, xb: torch.Tensor, yb: torch.Tensor):
-        return nn.functional.cross_entropy(m(xb), yb), {}
-
     x, y = x.to(DEVICE), y.to(DEVICE)
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            train_epochs(net, loss, x, y, optimizer, epochs=epochs, batch_size=32,
+            train_epochs(net, cross_entropy, x, y, optimizer, epochs=epochs, batch_size=32,
                          generator=torch.Generator().manual_seed(0))
         finally:
             torch.cuda.set_sync_debug_mode("default")
@@ -139,10 +141,7 @@ def amp_weights(amp: bool) -> list[torch.Tensor]:
     x, y = data(64)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
 
-    def loss(m: nn.Module, xb: torch.Tensor, yb: torch.Tensor):
-        return nn.functional.cross_entropy(m(xb), yb), {}
-
-    train_epochs(net, loss, x.to(DEVICE), y.to(DEVICE), optimizer, epochs=1, batch_size=16,
+    train_epochs(net, cross_entropy, x.to(DEVICE), y.to(DEVICE), optimizer, epochs=1, batch_size=16,
                  generator=torch.Generator().manual_seed(0), amp=amp)
     return [p.detach().cpu() for p in net.parameters()]
 

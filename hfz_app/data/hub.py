@@ -84,17 +84,24 @@ def hub_reachable(timeout_s: float = 3.0) -> str | None:
     return None
 
 
+def require_hub(name: str, repo: str, folder_hint: str) -> None:
+    """Nothing if the hub answers; else the one-line error saying how to bring ``repo`` over
+    (fetch elsewhere, then export/import, or the ``folder`` source with ``folder_hint``)."""
+    why = hub_reachable()
+    if why is not None:
+        raise DataSourceError(
+            f"{name}: needs internet to download {repo} from the Hugging Face hub ({why}); "
+            f"offline, fetch it on a machine with internet (`python -m hfz_app.data fetch "
+            f"{name}`, then `export`/`import`), or use data.dataset=folder "
+            f"data.data_dir={folder_hint}")
+
+
 def _open(name: str, spec: HubSpec) -> Any:
     """The repository's ``DatasetDict`` (from the mirror or the hub), or a one-line error."""
     local = mirror_path(spec.repo)
     if local is None:
-        why = hub_reachable()
-        if why is not None:
-            raise DataSourceError(
-                f"{name}: needs internet to download {spec.repo} from the Hugging Face hub "
-                f"({why}); offline, fetch it on a machine with internet (`python -m hfz_app.data "
-                f"fetch {name}`, then `export`/`import`), or use data.dataset=folder "
-                f"data.data_dir=<path> with an .npz (x_train, y_train, x_test, y_test)")
+        require_hub(name, spec.repo,
+                    "<path> with an .npz (x_train, y_train, x_test, y_test)")
     elif not local.is_dir():
         raise DataSourceError(f"{name}: {MIRROR_ENV} has no copy of {spec.repo} (no folder {local})")
     import datasets  # heavy, and only online sources need it
@@ -210,13 +217,7 @@ def _download(name: str, spec: HubIdxSpec, filename: str) -> Path:
         if not (local / filename).is_file():
             raise DataSourceError(f"{name}: {MIRROR_ENV} copy of {spec.repo} lacks {filename}")
         return local / filename
-    why = hub_reachable()
-    if why is not None:
-        raise DataSourceError(
-            f"{name}: needs internet to download {spec.repo} from the Hugging Face hub ({why}); "
-            f"offline, fetch it on a machine with internet (`python -m hfz_app.data fetch "
-            f"{name}`, then `export`/`import`), or use data.dataset=folder "
-            f"data.data_dir=<folder of its idx files>")
+    require_hub(name, spec.repo, "<folder of its idx files>")
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 

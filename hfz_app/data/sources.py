@@ -182,8 +182,13 @@ def load_dataset(name: str, data_dir: str = "") -> DatasetArrays:
         arrays = source.loader(data_dir)
         if cache is not None and write_cache(cache, arrays):
             arrays = read_cache(cache, source.name) or arrays  # drop the decoded copy: map it
-    for array in (arrays.x_train, arrays.y_train, arrays.x_test, arrays.y_test):
-        array.setflags(write=False)
+    return read_only(arrays)
+
+
+def read_only(arrays: DatasetArrays) -> DatasetArrays:
+    """``arrays`` made read-only: every caller in the process shares them."""
+    for key in CACHE_ARRAYS:
+        getattr(arrays, key).setflags(write=False)
     return arrays
 
 
@@ -210,9 +215,7 @@ def synthetic_standin(name: str) -> DatasetArrays:
                        for floor, per_class in zip(SYNTHETIC_MIN, SYNTHETIC_PER_CLASS))
     arrays = synthetic_arrays(f"synthetic-{name}", source.shape, source.num_classes,
                               n_train=n_train, n_test=n_test)
-    for array in (arrays.x_train, arrays.y_train, arrays.x_test, arrays.y_test):
-        array.setflags(write=False)
-    return arrays
+    return read_only(arrays)
 
 
 def read_cache(path: Path, name: str) -> DatasetArrays | None:
