@@ -374,6 +374,17 @@ def _alive(marker: str) -> list[int]:
     return run_processes(marker)
 
 
+def _commands(pids: list[int]) -> list[str]:
+    """What each process runs, for the failure message (one may exit meanwhile)."""
+    out = []
+    for pid in pids:
+        try:
+            out.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:120].decode())
+        except OSError:
+            out.append(f"{pid} (gone)")
+    return out
+
+
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
 def test_sigint_stops_every_process_and_the_run_resumes(tmp_path: Path) -> None:
     marker = f"HFZ_TEST_RUN={uuid.uuid4().hex}"
@@ -401,8 +412,13 @@ def test_sigint_stops_every_process_and_the_run_resumes(tmp_path: Path) -> None:
     assert lines == [err.strip().splitlines()[-1]], err[-3000:]
     assert lines[0].startswith("error: interrupted (SIGINT); stopped every process of the run; "
                                f"checkpoints so far kept in {tmp_path / 'tiny'}"), lines
-    time.sleep(1.0)
-    assert _alive(marker) == [], "processes of the interrupted run survived"
+    # A process can still be exiting when the launcher returns (seen under a full suite's load,
+    # never in isolation): give stragglers 10 s to go, then nothing may be left.
+    deadline = time.monotonic() + 10.0
+    while _alive(marker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    survivors = _alive(marker)
+    assert survivors == [], f"processes of the interrupted run survived: {_commands(survivors)}"
     done = max(int(p.stem.removeprefix("round_")) for p in ckpts.glob("round_*.pt"))
     # resume in-process from the last checkpoint with a logged row, up to one more round
     run_config = full_run_config({**overrides, "run.rounds": done + 1, "run.resume": True},
