@@ -136,7 +136,8 @@ def test_pefll_descriptor_is_the_mean_embedding_of_the_inputs_alone() -> None:
 def test_pefll_first_step_moves_the_base_to_the_local_model() -> None:
     """With U = 0 and hyper_lr 1, (d theta / d psi)^T Delta theta moves theta_0 by -Delta theta:
     to the locally trained weights, FedAvg's local model from the same start and batches."""
-    cfg = load_config("tiny", {"run.method": "pefll", "pefll.hyper_lr": 1.0})
+    cfg = load_config("tiny", {"run.method": "pefll", "pefll.hyper_lr": 1.0,
+                               "pefll.clip_norm": 0.0})
     method = get_method("pefll")(cfg, (1, 2, 2), 2)
     torch.manual_seed(0)
     model = identity_pefll(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2)))
@@ -154,6 +155,29 @@ def test_pefll_first_step_moves_the_base_to_the_local_model() -> None:
     # phi gets no gradient while U = 0 (d theta / d v = U)
     for before, after in zip(embed_before, model.embed.parameters(), strict=True):
         torch.testing.assert_close(after, before)
+
+
+def test_pefll_clipped_step_has_the_clip_norm_and_the_same_direction() -> None:
+    """pefll.clip_norm scales the whole psi step to hyper_lr * c when its norm is above c."""
+    x = torch.randn(40, 1, 2, 2, generator=torch.Generator().manual_seed(1))
+    y = (x.reshape(40, 4)[:, 0] > 0).long()
+    steps = {}
+    for clip in (0.0, 1e-3):
+        cfg = load_config("tiny", {"run.method": "pefll", "pefll.hyper_lr": 0.5,
+                                   "pefll.clip_norm": clip})
+        torch.manual_seed(0)
+        model = identity_pefll(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2)))
+        before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        metrics = get_method("pefll")(cfg, (1, 2, 2), 2).local_train(
+            model, x, y, torch.Generator().manual_seed(2))
+        steps[clip] = before - torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert float(steps[0.0].norm()) == pytest.approx(0.5 * metrics["train_psi_grad_norm"],
+                                                     rel=1e-4)
+    assert float(steps[0.0].norm()) > 0.5 * 1e-3  # the clip is active
+    assert float(steps[1e-3].norm()) == pytest.approx(0.5 * 1e-3, rel=1e-3)
+    # float32 parameters near 1 keep a 5e-4 step to about 1e-7 / 5e-4 relative
+    torch.testing.assert_close(steps[1e-3] / steps[1e-3].norm(), steps[0.0] / steps[0.0].norm(),
+                               rtol=0, atol=2e-3)
 
 
 # --- through the apps: what leaves a node; resume -----------------------------------------------

@@ -23,6 +23,14 @@ def _key(name: str) -> str:
     return name.replace(".", "__")
 
 
+def clip_scale(norm: torch.Tensor, max_norm: float) -> float:
+    """The factor that brings a step of global norm ``norm`` down to ``max_norm`` (1 if it is
+    already within it, or if ``max_norm`` is 0: no clipping)."""
+    if max_norm <= 0:
+        return 1.0
+    return min(1.0, max_norm / (float(norm) + 1e-12))
+
+
 class PeFLLModel(nn.Module):
     r"""The embedding network :math:`\phi`, the hypernetwork :math:`h` and the target.
 
@@ -85,7 +93,9 @@ class PeFLLMethod(Method):
         \Delta\theta_i ,
 
     with :math:`\beta` = ``pefll.hyper_lr`` (the chain rule through :math:`h` and :math:`v_i`
-    reaches :math:`\phi`). The server averages :math:`\psi` (the configured server step, as for
+    reaches :math:`\phi`). As in pFedHN's and PeFLL's own code, the step is clipped: the
+    vector-Jacobian product :math:`g_i` is scaled by :math:`\min(1, c / \lVert g_i\rVert_2)`, its
+    global norm over :math:`\psi`, with :math:`c` = ``pefll.clip_norm`` (0: no clipping). The server averages :math:`\psi` (the configured server step, as for
     every method), which, up to FedAvg's sample weights, is PeFLL's server update
     :math:`\psi \leftarrow \psi - \frac{\beta}{|S|} \sum_i (\partial\theta_i/\partial\psi)^\top
     \Delta\theta_i`. With :math:`U = 0` at the start and :math:`\beta = 1`, round 1 moves
@@ -128,14 +138,16 @@ class PeFLLMethod(Method):
         surrogate = sum((theta[n] * delta[n]).sum() for n in model.names)
         psi = [p for p in model.parameters() if p.requires_grad]
         grads = torch.autograd.grad(surrogate, psi, allow_unused=True)
+        grad_norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads if g is not None))
+        step = self.cfg.pefll.hyper_lr * clip_scale(grad_norm, self.cfg.pefll.clip_norm)
         with torch.no_grad():
             for p, g in zip(psi, grads, strict=True):
                 if g is not None:
-                    p.sub_(self.cfg.pefll.hyper_lr * g)
+                    p.sub_(step * g)
             for name, buf in model.target.named_buffers():  # BatchNorm statistics of the pass
                 buf.copy_(local.get_buffer(name))
         norm = torch.sqrt(sum((d.double() ** 2).sum() for d in delta.values()))
-        return metrics | {"train_delta_norm": float(norm)}
+        return metrics | {"train_delta_norm": float(norm), "train_psi_grad_norm": float(grad_norm)}
 
     def zeroshot_module(self, model: PeFLLModel, x: torch.Tensor | None = None) -> nn.Module:
         """The plain target with the weights generated from the client's inputs ``x``."""
