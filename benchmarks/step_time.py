@@ -37,12 +37,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.harness import ROOT, machine, written_by
-from hfz_app.config import ModelSection, TrainSection
+from hfz_app.config import ModelSection, TrainSection, load_config, parse_overrides
 from hfz_app.hyper import HyperFedZeroModel
+from hfz_app.hyper.diagnostics import usage
+from hfz_app.hyper.wrapper import HFZOutput
+from hfz_app.methods import get_method
 from hfz_app.models import build_target
+from hfz_app.training import make_optimizer
 
 TARGETS = {"mlp": (1, 28, 28), "lenet": (1, 28, 28), "resnet20": (3, 32, 32)}
-GOALS = {"mlp": 1.5, "lenet": 2.0, "resnet20": 2.0}  # per-sample HyperFedZero / plain
+GOALS = {"mlp": 2.0, "lenet": 2.0, "resnet20": 2.0}  # per-sample HyperFedZero / plain
+# The presets' recipe (head generated from a pooled embedding) per target: (preset, input shape,
+# classes), and its goal against FedAvg's step on the same preset.
+RECIPE_PRESETS = {"mlp": ("mnist_mlp", (1, 28, 28), 10),
+                  "lenet_s": ("fashion_mnist_lenet_s", (1, 28, 28), 10),
+                  "resnet20": ("cifar100_resnet", (3, 32, 32), 100)}
+RECIPE_GOALS = {"mlp": 1.25, "lenet_s": 1.25, "resnet20": 1.10}
+RECIPE_VARIANTS = {  # row -> (method, overrides on the preset)
+    "fedavg": ("fedavg", []),
+    "recipe": ("hyperfedzero", []),
+    "recipe, e uniform (no extractor run)": ("hyperfedzero", ['model.embedding="uniform"']),
+    "recipe, backbone extractor": ("hyperfedzero", ['model.extractor="backbone"']),
+    "recipe, compiled": ("hyperfedzero", ["model.compile=true"]),
+}
 
 
 @dataclasses.dataclass
@@ -186,6 +203,133 @@ def run_target(target: str, args) -> list[Variant]:
     return built
 
 
+def _method_step(preset: str, shape, classes: int, method_name: str, overrides: list[str],
+                 x, y) -> tuple[Callable[[], None], Callable[[], dict[str, float]]]:
+    """One training step of ``method_name`` on ``preset`` exactly as a client takes it (the
+    method's loss, parameter groups and optimiser), and a function that times its parts once."""
+    cfg = load_config(preset, {"run.method": method_name, **parse_overrides(overrides)})
+    method = get_method(method_name)(cfg, shape, classes)
+    torch.manual_seed(0)
+    model = method.build_model().train()
+    opt = make_optimizer(method.param_groups(model), cfg.train)
+
+    def step() -> None:
+        loss, _ = method.loss(model, x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def parts() -> dict[str, float]:
+        """Wall ms of the step's parts (the HyperFedZero forward taken apart as the wrapper
+        runs it, separate extractor only)."""
+        marks = [("start", time.perf_counter())]
+        if isinstance(model, HyperFedZeroModel) and not model.backbone_extractor \
+                and not cfg.model.compile:
+            e = model.noisy_embed(x)
+            marks.append(("extractor", time.perf_counter()))
+            gens = model.hyper.layer_inputs(model._generating(e))
+            marks.append(("hypernetwork", time.perf_counter()))
+            logits = model._apply_target(x, gens=gens)
+            marks.append(("target forward", time.perf_counter()))
+            loss, _ = model.loss(HFZOutput(logits, e), y)
+            usage(e)  # the step's metric, as HyperFedZeroMethod.loss reports it
+            marks.append(("loss and metrics", time.perf_counter()))
+        else:
+            loss, _ = method.loss(model, x, y)
+            marks.append(("forward and loss", time.perf_counter()))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        marks.append(("backward", time.perf_counter()))
+        opt.step()
+        marks.append(("optimiser step", time.perf_counter()))
+        return {name: (t - marks[i][1]) * 1e3 for i, (name, t) in enumerate(marks[1:])}
+
+    return step, parts
+
+
+def run_recipe(target: str, args) -> tuple[list[Variant], dict[str, dict[str, float]]]:
+    """The recipe's rows for ``target`` (interleaved repeats, as :func:`run_target`) and the
+    median wall ms of each part of the FedAvg and recipe steps."""
+    preset, shape, classes = RECIPE_PRESETS[target]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(args.batch, *shape, generator=gen)
+    y = torch.randint(0, classes, (args.batch,), generator=gen)
+    steps = args.steps or {"mlp": 20, "lenet_s": 10, "resnet20": 2}[target]
+    built, timers = [], {}
+    for name, (method_name, overrides) in RECIPE_VARIANTS.items():
+        if "compiled" in name and not args.compile:
+            continue
+        t0 = time.perf_counter()
+        step, parts = _method_step(preset, shape, classes, method_name, overrides, x, y)
+        for _ in range(3):  # warm-up (and compilation)
+            step()
+        variant = Variant(name, step, {})
+        variant.setup_s = time.perf_counter() - t0
+        built.append(variant)
+        if name in ("fedavg", "recipe"):
+            timers[name] = parts
+    for _ in range(args.repeats):
+        for variant in built:
+            w0, c0 = time.perf_counter(), time.process_time()
+            for _ in range(steps):
+                variant.step()
+            variant.wall.append((time.perf_counter() - w0) / steps * 1e3)
+            variant.cpu.append((time.process_time() - c0) / steps * 1e3)
+    samples: dict[str, dict[str, list[float]]] = {k: {} for k in timers}
+    for _ in range(max(args.repeats, 3) * steps):
+        for name, parts in timers.items():
+            for part, ms in parts().items():
+                samples[name].setdefault(part, []).append(ms)
+    breakdown = {name: {part: statistics.median(v) for part, v in d.items()}
+                 for name, d in samples.items()}
+    print(f"  [{target}] recipe rows done", flush=True)
+    return built, breakdown
+
+
+def render_recipe(results: dict[str, tuple[list[Variant], dict]]) -> list[str]:
+    """The recipe section: its rows per target, the goal lines, and where the time goes."""
+    lines = [
+        "## The recipe against FedAvg's step",
+        "",
+        ("What a client runs each step with the presets' recipe (`conf/hyperfedzero_recipe.yaml`: "
+         "label-anchored embedding pooled over the batch, only the head generated), through the "
+         "method's own loss, parameter groups and optimiser, against FedAvg's step on the same "
+         "preset: `mnist_mlp` (MLP), `fashion_mnist_lenet_s` (LeNet-S), `cifar100_resnet` "
+         "(ResNet-20, 100 classes)."),
+        "",
+    ]
+    for target, (variants, breakdown) in results.items():
+        preset = RECIPE_PRESETS[target][0]
+        fedavg = next(v for v in variants if v.name == "fedavg")
+        fw, fc = fedavg.median("wall"), fedavg.median("cpu")
+        lines += [f"### {target} (`{preset}`)", "",
+                  "| variant | wall ms | wall ratio | CPU ms | CPU ratio | set-up s |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for v in variants:
+            w, c = v.median("wall"), v.median("cpu")
+            lines.append(f"| {v.name} | {w:.2f} | {w / fw:.2f}x | {c:.2f} | {c / fc:.2f}x | "
+                         f"{v.setup_s:.1f} |")
+        goal = RECIPE_GOALS[target]
+        for v in variants:
+            if v.name == "fedavg":
+                continue
+            ratio = v.median("wall") / fw
+            verdict = "met" if ratio <= goal else f"missed by {ratio / goal:.2f}x"
+            lines.append(f"- goal <= {goal}x, `{v.name}` (wall): {ratio:.2f}x, {verdict}")
+        parts = sorted({p for d in breakdown.values() for p in d},
+                       key=lambda p: list(breakdown.get("recipe", {})).index(p)
+                       if p in breakdown.get("recipe", {}) else -1)
+        lines += ["", "Where a step's time goes (median wall ms of each part, timed apart):", "",
+                  "| part | " + " | ".join(breakdown) + " |",
+                  "|---|" + "---:|" * len(breakdown)]
+        for part in parts:
+            cells = [f"{breakdown[k][part]:.3f}" if part in breakdown[k] else "" for k in breakdown]
+            lines.append(f"| {part} | " + " | ".join(cells) + " |")
+        totals = [f"**{sum(d.values()):.3f}**" for d in breakdown.values()]
+        lines += ["| total | " + " | ".join(totals) + " |", ""]
+    return lines
+
+
 def check_compiled_matches(target: str) -> float:
     """Max relative difference of eval-mode logits, compiled against eager (same weights)."""
     shape = TARGETS[target]
@@ -246,7 +390,8 @@ def mac_ratio(target: str, hidden: int) -> float:
 
 
 def render(
-    results: dict[str, list[Variant]], args, info: str, loads: tuple[str, str], extra: list[str]
+    results: dict[str, list[Variant]], args, info: str, loads: tuple[str, str], extra: list[str],
+    recipe_lines: list[str] = (),
 ) -> str:
     lines = [
         "# Training-step time: HyperFedZero against the plain target",
@@ -267,7 +412,10 @@ def render(
             "8, residual, extractor auto (MLP trunk for the MLP, 2-layer CNN for conv targets)."
         ),
         "",
+        *recipe_lines,
     ]
+    if results:
+        lines += ["## Every layout and granularity against the plain target", ""]
     for target, variants in results.items():
         plain = next(v for v in variants if v.name == "plain")
         pw, pc = plain.median("wall"), plain.median("cpu")
@@ -328,7 +476,7 @@ def render(
                 f"{ratio:.2f}x, {verdict}"
             )
         lines.append("")
-    lines += ["## Reading", "", *notes(results), "", *extra]
+    lines += ["## Reading", "", *(notes(results) if results else []), "", *extra]
     return "\n".join(lines) + "\n"
 
 
@@ -397,7 +545,10 @@ def notes(results: dict[str, list[Variant]]) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="MLP + LeNet, eager, 3 repeats")
-    ap.add_argument("--targets", default="", help="comma-separated subset of mlp,lenet,resnet20")
+    ap.add_argument("--targets", default="",
+                    help="comma-separated subset of mlp,lenet,resnet20 (none: skip that section)")
+    ap.add_argument("--recipe-targets", default=",".join(RECIPE_PRESETS),
+                    help="the recipe section's targets, subset of mlp,lenet_s,resnet20 (none: skip)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=0, help="default 7 (3 with --quick)")
@@ -414,13 +565,21 @@ def main() -> None:
         args.compile = False
     args.repeats = args.repeats or (3 if args.quick else 7)
     torch.set_num_threads(args.threads)
-    targets = [t for t in (args.targets.split(",") if args.targets else TARGETS) if t]
+    targets = [t for t in (args.targets.split(",") if args.targets else TARGETS) if t != "none"]
     if args.quick and not args.targets:
         targets = ["mlp", "lenet"]
+    recipe_targets = [t for t in args.recipe_targets.split(",") if t and t != "none"]
+    for t in targets + recipe_targets:
+        if t not in TARGETS and t not in RECIPE_PRESETS:
+            ap.error(f"--targets/--recipe-targets: unknown target {t!r}")
     info = f"{machine()}; {args.threads} threads; " \
            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')}"
     load_before = _load()
     start = time.perf_counter()
+    recipe = {}
+    for target in recipe_targets:
+        print(f"recipe, {target}:", flush=True)
+        recipe[target] = run_recipe(target, args)
     results = {}
     for target in targets:
         print(f"{target}:", flush=True)
@@ -433,7 +592,8 @@ def main() -> None:
                 f"{check_compiled_matches(target):.1e}"
             )
     extra.append(f"- total benchmark time {time.perf_counter() - start:.0f} s")
-    text = render(results, args, info, (load_before, _load()), extra)
+    text = render(results, args, info, (load_before, _load()), extra,
+                  render_recipe(recipe) if recipe else [])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     print(text)

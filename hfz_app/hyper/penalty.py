@@ -44,8 +44,14 @@ def hfz_loss(
     ``alpha``/``beta`` settings; the total uses the weighted terms.
     """
     ce = F.cross_entropy(logits, y)
-    bal = balance_penalty(e)
-    sharp = sharpness_penalty(e)
-    total = ce + alpha * bal + beta * sharp
-    parts = {"ce": ce.detach(), "balance": bal.detach(), "sharpness": sharp.detach()}
+    total, parts = ce, {"ce": ce.detach()}
+    for name, weight, penalty in (("balance", alpha, balance_penalty),
+                                  ("sharpness", beta, sharpness_penalty)):
+        if weight:
+            value = penalty(e)
+            total = total + weight * value
+        else:  # reported only: a weight-0 term would add nothing but backward work
+            with torch.no_grad():
+                value = penalty(e)
+        parts[name] = value.detach()
     return total, parts
