@@ -412,3 +412,30 @@ def test_training_is_bit_identical_to_single_tensor_sgd_and_reports_weighted_mea
     for key, value in metrics[0].items():
         expected = sum(n * parts[key] for n, parts in seen[0]) / total
         assert value == pytest.approx(expected, rel=1e-6), key
+
+
+def test_compiled_training_loss_matches_the_eager_one() -> None:
+    """model.compile compiles forward, loss and metrics as one graph (and their backward): the
+    same loss, parts and gradients as eager up to float rounding (noise off: compiled kernels
+    draw their own random numbers)."""
+    from hfz_app.config import load_config
+    from hfz_app.methods import get_method
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.rand(32, 1, 28, 28, generator=gen), torch.randint(0, 10, (32,), generator=gen)
+    results = []
+    for compiled in (False, True):
+        cfg = load_config("mnist_mlp", {"model.compile": compiled, "model.noisy_embed": False})
+        method = get_method("hyperfedzero")(cfg, (1, 28, 28), 10)
+        torch.manual_seed(0)
+        model = method.build_model().train()
+        loss, parts = method.loss(model, x, y)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), {k: float(v) for k, v in parts.items()}, grads))
+    (eager_loss, eager_parts, eager_grads), (loss, parts, grads) = results
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
+    assert parts == pytest.approx(eager_parts, rel=1e-4)
+    assert grads.keys() == eager_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=1e-6)
