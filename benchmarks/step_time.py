@@ -42,7 +42,7 @@ from hfz_app.hyper import HyperFedZeroModel
 from hfz_app.hyper.diagnostics import usage
 from hfz_app.hyper.wrapper import HFZOutput
 from hfz_app.methods import get_method
-from hfz_app.methods.hyperfedzero import _compiled_loss
+from hfz_app.methods.hyperfedzero import compiled_training_loss
 from hfz_app.models import build_target
 from hfz_app.training import make_optimizer
 
@@ -103,7 +103,7 @@ def _hfz_variant(name: str, target: str, shape, x, y, mode: str = "auto", **swit
     def step() -> None:
         opt.zero_grad(set_to_none=True)
         if cfg.compile:  # forward, loss and backward compiled as the training loop runs them
-            loss, _ = _compiled_loss()(model, x, y)
+            loss, _ = compiled_training_loss()(model, x, y)
         else:
             loss, _ = model.loss(model(x), y)
         loss.backward()

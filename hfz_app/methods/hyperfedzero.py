@@ -35,7 +35,7 @@ class HyperFedZeroMethod(Method):
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
         """The training loss and its parts; with ``model.compile`` forward, loss and their
         backward are one compiled graph (the recipe's small ops fused: step_time.md)."""
-        return (_compiled_loss() if self.cfg.model.compile else _loss)(model, x, y)
+        return (compiled_training_loss() if self.cfg.model.compile else training_loss)(model, x, y)
 
     def param_groups(self, model: nn.Module) -> list[dict]:
         return model.param_groups(self.cfg.train.lr, self.cfg.train)
@@ -54,7 +54,7 @@ class HyperFedZeroMethod(Method):
             EMBED_MEAN_KEY: [float(v) for v in embeddings.mean(0)]}
 
 
-def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+def training_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
     output = model._forward(x, None)
     loss, parts = model.loss(output, y)  # detached parts: summed on the device, no sync
     return loss, {f"train_{k}": v for k, v in parts.items()} | {
@@ -62,6 +62,6 @@ def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
 
 
 @functools.cache
-def _compiled_loss():
-    """One ``torch.compile`` of :func:`_loss` for every model (modules are its inputs)."""
-    return torch.compile(_loss)
+def compiled_training_loss():
+    """One ``torch.compile`` of :func:`training_loss` for every model (modules are its inputs)."""
+    return torch.compile(training_loss)
