@@ -55,6 +55,7 @@ class HyperFedZeroMethod(Method):
 
 
 def training_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    """Loss of one batch and its detached parts, the embedding's usage among them."""
     output = model._forward(x, None)
     loss, parts = model.loss(output, y)  # detached parts: summed on the device, no sync
     return loss, {f"train_{k}": v for k, v in parts.items()} | {
