@@ -6,9 +6,9 @@
 Each method runs through the launcher (``python -m hfz_app.launch``: its own SuperLink, Ray
 SuperNodes) on the same data and seed, with ``server.fraction_train`` 0.1 and, on every
 evaluation round, a sample of participants (pACC) and held-out clients (zACC)
-(``eval.participants_sample``/``eval.heldout_sample``). With ``--repeats 2`` the order
-alternates (FedAvg first, then HyperFedZero first) so that other jobs on the machine weigh on
-both. Measured per method:
+(``eval.participants_sample``/``eval.heldout_sample``: 100 and 50). Two repeats by default,
+the order alternating (FedAvg first, then HyperFedZero first) so that other jobs on the machine
+weigh on both; medians over repeats. Measured per method:
 
 - wall time per round: the difference of ``elapsed_s`` between consecutive ``metrics.csv`` rows
   (the round and the ServerApp's bookkeeping after the one before: gACC, checkpoint, files);
@@ -343,7 +343,7 @@ def report(args: argparse.Namespace, argv: list[str], results: list[Result],
                 f"{max(g['client'] for g in growths):+.1f}" if growths else "not judged "
                 "(< 10 rounds)")
         lines.append(
-            f"| {m} | {round_s:.2f} | {ratio:.2f}x | {median([s['train_mb'] for s in st]):.1f} "
+            f"| {m} | {round_s:.2f} | {'-' if math.isnan(ratio) else f'{ratio:.2f}x'} | {median([s['train_mb'] for s in st]):.1f} "
             f"| {median([s['eval_mb'] for s in st]):.1f} | "
             f"{max(s['server_peak'] for s in st):.0f} | {max(s['client_peak'] for s in st):.0f} "
             f"| {grow} | {median([s['wall_s'] for s in st]):.0f} | {st[-1]['zacc']} |")
@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="eval.heldout_sample (0: all)")
     parser.add_argument("--min-partition-size", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeats", type=int, default=1,
+    parser.add_argument("--repeats", type=int, default=2,
                         help="runs per method; the order alternates between repeats")
     parser.add_argument("--cpus-per-client", type=int, default=1)
     parser.add_argument("--sample-s", type=float, default=0.5, help="RSS sampling interval")
