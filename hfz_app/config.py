@@ -187,6 +187,12 @@ class EvalSection:
     # from its unlabelled inputs and the logits corrected to it (Saerens et al. 2002; training prior
     # taken as uniform, hfz_app/evaluation/prior.py). "adabn+em_prior": both, in that order.
     heldout_adapt: Literal["none", "adabn", "em_prior", "adabn+em_prior"] = "none"
+    # Clients scored on each evaluation round: a sample of this many participants (pACC) and of
+    # this many held-out clients (zACC), drawn anew each evaluation round from the run's seed;
+    # 0: every one. With 1,000 participants, scoring all of them each round costs 10x a round's
+    # training at server.fraction_train=0.1 (docs/benchmarks/scale.md).
+    participants_sample: int = field(default=0, metadata=_check(min=0))
+    heldout_sample: int = field(default=0, metadata=_check(min=0))
 
 
 @dataclass
@@ -540,6 +546,14 @@ def validate(cfg: Config) -> None:
             f"server.optimizer=fedadam, got {cfg.server.server_momentum} "
             f"(server_lr {cfg.server.server_lr}); FedAdam's own step is server.fedadam_eta"
         )
+    for key, size, clients, count in (
+            ("eval.participants_sample", cfg.eval.participants_sample, "data.num_participants",
+             cfg.data.num_participants),
+            ("eval.heldout_sample", cfg.eval.heldout_sample, "data.num_heldout",
+             cfg.data.num_heldout)):
+        if size > count:
+            raise ConfigError(f"{key}: expected 0 (all) or at most {clients} ({count}), "
+                              f"got {size}")
     if cfg.server.min_train_nodes > cfg.data.num_participants:
         raise ConfigError(
             f"server.min_train_nodes: expected <= data.num_participants "

@@ -48,6 +48,7 @@ from hfz_app.settings import format_settings, list_presets, resolved_settings
 APP_DIR = Path(__file__).resolve().parent.parent
 APPS = {"train": APP_DIR, "zeroshot": APP_DIR / "zeroshot_app"}  # --app: which Flower app runs
 BIN = Path(sys.executable).parent
+LISTED_CLIENTS = 50  # the partition table's rows before the run; the rest as one summary line
 
 
 def toml_value(value: object) -> str:
@@ -452,7 +453,7 @@ def _main(argv: list[str] | None = None) -> int:
             # Fails fast (one line) on an impossible split, shows the clients, and leaves the
             # plan in the plan cache for the run's other processes.
             federation = build_federation(cfg.data, cfg.run.seed, env[PLAN_CACHE_ENV])
-            print(describe(federation), flush=True)
+            print(describe(federation, max_rows=LISTED_CLIENTS), flush=True)
         except (ConfigError, DataSourceError, ValueError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2

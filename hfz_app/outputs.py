@@ -32,8 +32,16 @@ COLUMNS = [
     "embed_usage_participants", "embed_entropy_participants",
     "embed_usage_heldout", "embed_entropy_heldout", "embed_distance_heldout",
     "bytes_sent", "bytes_received", "bytes_sent_per_client", "bytes_received_per_client",
-    "n_train_sent", "n_train_replies", "n_dropped", "epsilon",
+    "n_train_sent", "n_train_replies", "n_dropped", "n_eval_sent", "bytes_sent_eval", "epsilon",
 ]
+# timings.csv: where each round's time went, in seconds (differs from run to run, so it is kept
+# out of metrics.csv/.json). train_s / evaluate_s: the ServerApp from configuring a phase to its
+# replies (Flower's messaging and the ClientApps' work); aggregate_train_s: the aggregation;
+# record_s: gACC (gacc_s of it), checkpoint and these files after the round (outside
+# round_time_s); client_*_s:
+# the ClientApps' own seconds summed over the round's replies (data, local training, scoring).
+TIMING_COLUMNS = ["round", "round_time_s", "train_s", "aggregate_train_s", "evaluate_s",
+                  "record_s", "gacc_s", "client_data_s", "client_train_s", "client_eval_s"]
 # Settings a resumed run may change: they do not alter what the finished rounds computed.
 RESUME_MAY_CHANGE = ("run.resume", "run.rounds", "run.output_dir", "server.timeout_s",
                      "train.torch_threads")
@@ -100,6 +108,7 @@ class RunOutputs:
 
     def __init__(self, cfg: Config, directory: Path | None = None) -> None:
         self.cfg = cfg
+        fresh = directory is None  # else a resumed run's folder: its timings.csv goes on
         if directory is None:
             directory = run_directory(cfg)
         self.dir = directory
@@ -107,7 +116,22 @@ class RunOutputs:
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         (directory / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         self.rows: list[dict[str, Any]] = []
-        self.clients: dict[int, Any] = {}
+        # Each round's per-client replies as JSON text, encoded once: metrics.json is rewritten
+        # every round, and re-encoding (and holding as dicts) every earlier round's replies grew
+        # with rounds x clients.
+        self.clients: dict[int, str] = {}
+        if fresh or not self.timings_csv.exists():
+            self.timings_csv.write_text(",".join(TIMING_COLUMNS) + "\n")
+
+    @property
+    def timings_csv(self) -> Path:
+        return self.dir / "timings.csv"
+
+    def log_timings(self, row: dict[str, Any]) -> None:
+        """Append one round's timings (``TIMING_COLUMNS``) to ``timings.csv``."""
+        with self.timings_csv.open("a", newline="") as f:
+            csv.DictWriter(f, fieldnames=TIMING_COLUMNS, extrasaction="ignore").writerow(
+                {k: _csv_value(row.get(k)) for k in TIMING_COLUMNS})
 
     @property
     def metrics_csv(self) -> Path:
@@ -116,7 +140,7 @@ class RunOutputs:
     def log_round(self, row: dict[str, Any], clients: Any = None) -> None:
         self.rows.append(row)
         if clients is not None:
-            self.clients[int(row["round"])] = clients
+            self.clients[int(row["round"])] = json.dumps(clients, indent=1, default=float)
         tmp = self.metrics_csv.with_suffix(".csv.tmp")
         with tmp.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
@@ -124,10 +148,11 @@ class RunOutputs:
             for r in self.rows:
                 writer.writerow({k: _csv_value(r.get(k)) for k in COLUMNS})
         tmp.replace(self.metrics_csv)
-        payload = {"run": self.cfg.run.name, "columns": COLUMNS, "rounds": self.rows,
-                   "clients": self.clients}
+        head = json.dumps({"run": self.cfg.run.name, "columns": COLUMNS, "rounds": self.rows},
+                          indent=1, default=float)
+        clients = ",\n".join(f'"{r}": {text}' for r, text in self.clients.items())
         tmp = self.dir / "metrics.json.tmp"
-        tmp.write_text(json.dumps(payload, indent=1, default=float))
+        tmp.write_text(f'{head[:-2]},\n "clients": {{{clients}}}\n}}')
         tmp.replace(self.dir / "metrics.json")
 
     def checkpoint_path(self, server_round: int) -> Path:
@@ -138,8 +163,8 @@ class RunOutputs:
         ``metrics.json`` (full precision), so that the files continue as if never interrupted."""
         payload = json.loads((self.dir / "metrics.json").read_text())
         self.rows = [row for row in payload["rounds"] if int(row["round"]) <= upto_round]
-        self.clients = {int(r): c for r, c in payload.get("clients", {}).items()
-                        if int(r) <= upto_round}
+        self.clients = {int(r): json.dumps(c, indent=1, default=float)
+                        for r, c in payload.get("clients", {}).items() if int(r) <= upto_round}
 
     def plot(self) -> list[Path]:
         """Accuracy curves and embedding usage against rounds (PNG)."""

@@ -14,7 +14,7 @@ from client_app import app as client_app
 from hfz_app.checkpoint import load_checkpoint
 from hfz_app.federation.inprocess import full_run_config, run_inprocess, simulation_node_configs
 from hfz_app.federation.roles import ZEROSHOT_MESSAGE_TYPE
-from hfz_app.outputs import COLUMNS
+from hfz_app.outputs import COLUMNS, TIMING_COLUMNS
 from server_app import app as server_app
 
 N, M = 3, 1
@@ -73,7 +73,14 @@ def test_metrics_files_hold_every_column(tiny_run) -> None:
     payload = json.loads((out_dir / "metrics.json").read_text())
     assert payload["rounds"][-1]["round"] == 2
     assert [c["partition-id"] for c in payload["clients"]["2"]["heldout"]] == [N]
+    assert "client_eval_s" not in payload["clients"]["2"]["heldout"][0]  # timings.csv's
     assert (out_dir / "config.yaml").exists() and (out_dir / "curves.png").exists()
+    with (out_dir / "timings.csv").open() as f:
+        timings = list(csv.DictReader(f))
+    assert list(timings[0]) == TIMING_COLUMNS and [int(t["round"]) for t in timings] == [0, 1, 2]
+    for key in ("train_s", "evaluate_s", "record_s", "gacc_s", "client_data_s",
+                "client_train_s", "client_eval_s"):
+        assert float(timings[-1][key]) > 0, key
 
 
 def test_checkpoint_after_every_round(tiny_run) -> None:

@@ -6,6 +6,7 @@ launcher writes metrics.csv as hfz_app.launch would."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import textwrap
 
@@ -278,3 +279,56 @@ def test_gpu_check_refuses_a_missing_gpu_in_one_line_and_times_every_step(capsys
     timers = gpu_check.step_times([torch.device("cpu")], ["mlp"], batch=8, steps=1, repeats=2)
     assert [t.label for t in timers] == ["mlp fedavg", "mlp hyperfedzero"]
     assert all(len(t.ms) == 2 and min(t.ms) > 0 for t in timers)
+
+
+def test_scale_report_from_fixture_runs(tmp_path, capsys):
+    """benchmarks.scale without training: per-round wall times from elapsed_s, RSS peaks by
+    round, the growth check (rounds 3-5 against the last 5), the time breakdown from
+    timings.csv, the ratio and the met/missed lines; a smoke run says so; bad flags exit 2."""
+    import argparse
+
+    from benchmarks import scale
+
+    rounds = 20
+
+    def fixture(method: str, round_s: float, leak_mb: float) -> scale.Result:
+        rows = [{"round": str(r), "elapsed_s": str(r * round_s), "bytes_sent": "1e6",
+                 "bytes_received": "1e6", "bytes_sent_eval": "5e6", "zacc_weighted": "0.9"}
+                for r in range(rounds + 1)]
+        timings = [{"round": str(r), "train_s": str(round_s / 2), "evaluate_s": str(round_s / 4),
+                    "aggregate_train_s": "0.1", "record_s": "0.2", "gacc_s": "0.05",
+                    "client_data_s": "0.2", "client_train_s": str(round_s / 2),
+                    "client_eval_s": "0.2"} for r in range(rounds + 1)]
+        marks = {r: r * 10.0 + 0.5 for r in range(rounds + 1)}
+        samples = [scale.Sample(t, int((500 + leak_mb * (t // 10)) * 2**20),
+                                {1: 600 * 2**20, 2: int((610 + leak_mb * (t // 10)) * 2**20)})
+                   for t in range(rounds * 10 + 1)]
+        return scale.Result(method, 0, 100.0, rows, timings, marks, samples)
+
+    fedavg, hfz = fixture("fedavg", 2.0, 0.0), fixture("hyperfedzero", 2.4, 10.0)
+    assert fedavg.wall_per_round()[3] == pytest.approx(2.0) and fedavg.workers() == 2
+    peaks = scale.round_peaks(hfz.samples, hfz.marks)
+    assert peaks[1][0] == pytest.approx(510) and set(peaks[1][1]) == {1, 2}
+    growth = scale.memory_growth(peaks, rounds)
+    assert growth["server"] == pytest.approx(150) and growth["client"] == pytest.approx(150)
+    assert scale.memory_growth(peaks, 9) is None
+    parts = scale.breakdown(fedavg)[3]
+    assert parts["local training"] == pytest.approx(0.5) and parts["gACC"] == pytest.approx(0.05)
+    assert sum(parts.values()) == pytest.approx(2.0)
+    args = argparse.Namespace(preset="mnist_mlp", seed=0, participants=1000, heldout=100,
+                              rounds=rounds, fraction=0.1, eval_every=1, eval_participants=100,
+                              eval_heldout=50, min_partition_size=5, cpus_per_client=1,
+                              repeats=1)
+    text = scale.report(args, ["--rounds", str(rounds)], [fedavg, hfz], ((1, 1, 1), (2, 2, 2)))
+    assert "SMOKE" not in text and "Written by `benchmarks/scale.py`" in text
+    assert "HyperFedZero / FedAvg = **1.20x** (target <= 1.3x): **met**" in text
+    assert "memory, fedavg: largest growth +0.0 MB" in text and ": met" in text
+    assert "memory, hyperfedzero: largest growth +150.0 MB (target <= 32 MB): missed" in text
+    assert "| fedavg | 2.00 | 1.00x | 2.0 | 5.0 |" in text
+    small = argparse.Namespace(**{**vars(args), "participants": 100, "rounds": 3})
+    assert "(SMOKE RUN)" in scale.report(small, [], [fedavg, hfz], ((1, 1, 1), (1, 1, 1)))
+    assert scale.main(["--rounds", "0", "--out", str(tmp_path / "x.md")]) == 2
+    assert capsys.readouterr().err.strip() == "error: --rounds: expected an integer >= 1, got 0"
+    table = scale.processes()
+    assert os.getpid() in table and table[os.getpid()][2] > 0
+    assert os.getpid() in scale.descendants(table, table[os.getpid()][0])

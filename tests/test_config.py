@@ -62,6 +62,11 @@ def test_run_config_sentinel_keeps_preset_value() -> None:
         ({"data.shift": 3}, "data.shift: expected a section"),
         ({"run.resume": "maybe"}, "run.resume: expected true or false"),
         ({"run.eval_every": 50}, "run.eval_every: expected <= run.rounds"),
+        ({"eval.participants_sample": -1}, "eval.participants_sample: expected a value >= 0"),
+        ({"eval.participants_sample": 11},
+         "eval.participants_sample: expected 0 (all) or at most data.num_participants (10)"),
+        ({"eval.heldout_sample": 6},
+         "eval.heldout_sample: expected 0 (all) or at most data.num_heldout (5)"),
     ],
 )
 def test_bad_values_give_one_line_errors(overrides: dict, fragment: str) -> None:

@@ -170,6 +170,9 @@ def test_describe_prints_every_client_and_writes_a_heatmap(tmp_path):
     assert sum(" held-out " in line for line in lines) == 3
     assert sum(" train " in line for line in lines) == 6
     assert "rotation_deg=" in text and (tmp_path / "p.png").stat().st_size > 1000
+    short = describe(federation, max_rows=4).splitlines()  # the launcher lists at most 50
+    assert sum(" train " in line for line in short) == 4
+    assert any(line.startswith("... 5 more clients not listed") for line in short)
 
 
 def test_describe_cli(tmp_path, capsys):

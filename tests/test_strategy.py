@@ -134,6 +134,55 @@ def test_evaluation_summary_per_role() -> None:
     assert [c["partition-id"] for c in s.client_metrics[4]["heldout"]] == [21]
 
 
+def test_evaluation_samples_are_seeded_per_round_in_partition_order() -> None:
+    """``eval_participants``/``eval_heldout``: that many nodes of each role per evaluation
+    round, the same on a rerun, another sample the next round; 0 (the default): every node."""
+    roles = Roles(participants=tuple(range(100, 140)), heldout=tuple(range(200, 210)),
+                  partition_of={n: i for i, n in enumerate([*range(100, 140), *range(200, 210)])})
+    grid = InProcessGrid(client_app=None, node_configs={}, run_config={})
+
+    def sent(s: HyperFedZeroStrategy, server_round: int) -> tuple[list[int], list[int]]:
+        messages = s.configure_evaluate(server_round, arrays(0.0), ConfigRecord(), grid)
+        kinds = [(m.metadata.dst_node_id, m.metadata.message_type) for m in messages]
+        return ([n for n, k in kinds if k == MessageType.EVALUATE],
+                [n for n, k in kinds if k == ZEROSHOT_MESSAGE_TYPE])
+
+    sampled = HyperFedZeroStrategy(SHARED, roles, num_rounds=4, seed=3, eval_participants=5,
+                                   eval_heldout=2)
+    parts, held = sent(sampled, 1)
+    assert len(parts) == 5 and len(held) == 2 and parts == sorted(parts)
+    assert set(parts) <= set(roles.participants) and set(held) <= set(roles.heldout)
+    assert sent(HyperFedZeroStrategy(SHARED, roles, num_rounds=4, seed=3, eval_participants=5,
+                                     eval_heldout=2), 1) == (parts, held)
+    assert sent(sampled, 2)[0] != parts
+    assert sampled.round_stats[1]["n_eval_sent"] == 7
+    assert sampled.round_stats[1]["bytes_sent_eval"] == 7 * arrays(0.0).count_bytes()
+    everyone = HyperFedZeroStrategy(SHARED, roles, num_rounds=4)
+    assert sent(everyone, 1) == (list(roles.participants), list(roles.heldout))
+
+
+def test_client_timings_leave_the_metrics_for_the_round_totals() -> None:
+    """The ClientApps' own seconds (``client_*_s``) are summed per round into
+    ``round_timings`` and appear neither in the averaged train metrics nor in the per-client
+    evaluation replies (metrics.csv/.json stay identical from run to run)."""
+    s = strategy()
+    timed = [reply(n, arrays(1.0)) for n in (11, 12)]
+    for msg, (data_s, train_s) in zip(timed, ((0.5, 2.0), (0.25, 1.0))):
+        msg.content["metrics"]["client_data_s"] = data_s
+        msg.content["metrics"]["client_train_s"] = train_s
+    _, metrics = s.aggregate_train(1, timed)
+    assert "client_train_s" not in metrics and "client_data_s" not in metrics
+    request = Message(RecordDict(), dst_node_id=21, message_type=ZEROSHOT_MESSAGE_TYPE)
+    s.aggregate_evaluate(1, [Message(RecordDict({"metrics": MetricRecord(
+        {"accuracy": 0.5, "loss": 1.0, "num-examples": 4, "partition-id": 3,
+         "client_data_s": 0.125, "client_eval_s": 0.75})}), reply_to=request)])
+    totals = {k: v for k, v in s.round_timings[1].items() if k.startswith("client_")}
+    assert totals == pytest.approx({"client_data_s": 0.875, "client_train_s": 3.0,
+                                    "client_eval_s": 0.75})
+    assert s.round_timings[1]["aggregate_train_s"] >= 0  # the ServerApp's own phase
+    assert "client_eval_s" not in s.client_metrics[1]["heldout"][0]
+
+
 def test_fedadam_steps_on_the_filtered_average_only() -> None:
     """Flower's FedAdam under the key filter: Reddi et al.'s update by hand, foreign replies
     dropped before the average, float32 kept, and the optimiser state exposed for resume."""

@@ -39,9 +39,11 @@ def style_matrix(federation: Federation) -> np.ndarray | None:
                      for pid in range(federation.num_clients)])
 
 
-def describe(federation: Federation, png_path: str | Path | None = None) -> str:
+def describe(federation: Federation, png_path: str | Path | None = None,
+             max_rows: int | None = None) -> str:
     """Per-client sizes, label histograms, style mixes and shift parameters; optionally the
-    heatmap PNG."""
+    heatmap PNG. ``max_rows``: list at most this many clients (the launcher's output of a
+    1,000-client run would otherwise open with 1,000 lines), then say how many are left."""
     counts = label_matrix(federation)
     styles = style_matrix(federation)
     many = federation.num_classes > MAX_LISTED_CLASSES
@@ -60,7 +62,9 @@ def describe(federation: Federation, png_path: str | Path | None = None) -> str:
     lines.append(f"{'client':>6} {'role':<8} {'n_train':>7} {'n_test':>6} {'eff_cls':>7}  "
                  f"{label_head}" + ("  | style % " + "/".join(federation.style_sources)
                                     if styles is not None else ""))
-    for pid in range(federation.num_clients):
+    listed = federation.num_clients if max_rows is None else min(max_rows,
+                                                                   federation.num_clients)
+    for pid in range(listed):
         train, test = federation.label_counts(pid)
         row = counts[pid]
         if many:
@@ -78,6 +82,11 @@ def describe(federation: Federation, png_path: str | Path | None = None) -> str:
         if shift:
             line += "  | " + " ".join(f"{k}={v:+.2f}" for k, v in shift.items())
         lines.append(line)
+    if listed < federation.num_clients:
+        sizes = counts.sum(axis=1)
+        lines.append(f"... {federation.num_clients - listed} more clients not listed "
+                     f"(python -m hfz_app.data.describe lists all); samples per client "
+                     f"min {sizes.min()}, median {np.median(sizes):g}, max {sizes.max()}")
     x_test, _ = federation.global_test()
     lines.append(f"global test: {len(x_test)} samples; pooled train: {int(counts.sum())} samples")
     if png_path is not None:

@@ -54,8 +54,10 @@ class RoundRecorder:
         row: dict[str, Any] = {"round": server_round, "elapsed_s": now - self.start,
                                "round_time_s": now - self.last}
         row |= self.strategy.round_stats.get(server_round, {})
+        gacc_s = 0.0
         if server_round == 0 or self.strategy.is_eval_round(server_round):
             row |= self.global_accuracy(server_round, arrays)
+            gacc_s = time.monotonic() - now
         if server_round > 0:
             sent, got = row.get("n_train_sent"), row.get("n_train_replies", 0)
             missing = (sent or 0) - got - row.get("n_dropped", 0)
@@ -64,9 +66,13 @@ class RoundRecorder:
                             "arrived", server_round, missing, sent, got)
             save_checkpoint(self.outputs.checkpoint_path(server_round), arrays,
                             self.cfg.to_dict(), server_round, server_state(self.strategy))
-        self.outputs.log_round(row, self.strategy.client_metrics.get(server_round))
+        # popped: a round's replies and timings are written once, not kept for the whole run
+        self.outputs.log_round(row, self.strategy.client_metrics.pop(server_round, None))
         print(progress_line(row, self.cfg, self.num_classes), flush=True)
         self.last = time.monotonic()
+        self.outputs.log_timings({"round": server_round, "round_time_s": row["round_time_s"],
+                                  "record_s": self.last - now, "gacc_s": gacc_s,
+                                  **self.strategy.round_timings.pop(server_round, {})})
         if server_round > 0:
             self.check_progress(server_round, row)
         return MetricRecord({k: float(row[k]) for k in ("gacc", "gloss") if k in row})

@@ -22,6 +22,7 @@ import functools
 import inspect
 import logging
 import random
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, ClassVar
 
@@ -44,6 +45,8 @@ from hfz_app.federation.roles import ZEROSHOT_MESSAGE_TYPE, Roles
 
 log = logging.getLogger("hfz_app")
 BN_STATISTICS = (".running_mean", ".running_var")  # averaged, never stepped by the server
+# What the ClientApp reports of its own time (seconds), summed per round into round_timings.
+CLIENT_TIMING_KEYS = ("client_data_s", "client_train_s", "client_eval_s")
 
 
 @contextlib.contextmanager
@@ -119,6 +122,9 @@ class SharedKeys:
         Total rounds, so that the last one is always evaluated (default: :meth:`start`'s).
     eval_every : int
         Evaluate every this many rounds.
+    eval_participants, eval_heldout : int
+        Score only a sample of this many participants / held-out nodes on each evaluation
+        round, drawn anew each round from ``seed`` (0: all of them).
     seed : int
         Seeds node sampling (``fraction_train < 1``).
     **kwargs
@@ -129,7 +135,7 @@ class SharedKeys:
 
     def __init__(self, shared_keys: Sequence[str], roles: Roles | None = None, *,
                  num_rounds: int | None = None, eval_every: int = 1, seed: int = 0,
-                 **kwargs: Any) -> None:
+                 eval_participants: int = 0, eval_heldout: int = 0, **kwargs: Any) -> None:
         for key in ("min_train_nodes", "min_evaluate_nodes", "min_available_nodes"):
             kwargs.setdefault(key, 1)
         _init_flower_bases(self, kwargs)
@@ -139,11 +145,16 @@ class SharedKeys:
         self.num_rounds = num_rounds
         self._num_rounds_from_start = num_rounds is None
         self.eval_every = eval_every
+        self.eval_sizes = {"participants": eval_participants, "heldout": eval_heldout}
         self.seed = seed
         self.reference: ArrayRecord | None = None  # the first global arrays: shapes and dtypes
         # What the recorder writes after each round: aggregated scalars and per-client replies.
         self.round_stats: dict[int, dict[str, float]] = {}
         self.client_metrics: dict[int, dict[str, list[dict[str, Any]]]] = {}
+        # Where each round's time went (seconds; hfz_app.outputs.TIMING_COLUMNS): kept apart
+        # from round_stats so that metrics.csv/.json stay identical from run to run.
+        self.round_timings: dict[int, dict[str, float]] = {}
+        self._phase_start: dict[str, float] = {}
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
               *args: Any, **kwargs: Any) -> Result:
@@ -169,11 +180,31 @@ class SharedKeys:
     def _by_partition(self, messages: Iterable[Message], node_of) -> list[Message]:
         return sorted(messages, key=lambda m: self.roles.partition_of.get(node_of(m), 0))
 
+    def _phase(self, server_round: int, name: str, begin: bool) -> None:
+        """Time the ServerApp's phases: ``<name>_s`` from its ``begin`` to its end, where
+        ``train``/``evaluate`` run from configure_* to aggregate_* (Flower sending the messages,
+        the ClientApps' work, the replies coming back) and ``aggregate_*`` is the aggregation."""
+        now = time.perf_counter()
+        if begin:
+            self._phase_start[name] = now
+        elif name in self._phase_start:
+            self.round_timings.setdefault(server_round, {})[f"{name}_s"] = (
+                now - self._phase_start.pop(name))
+
+    def _client_timings(self, server_round: int, metrics: Any) -> None:
+        """Move the ClientApp's own timings (``client_*_s``) out of a reply's metrics into the
+        round's totals: they differ from run to run, so they stay out of the averaged metrics."""
+        totals = self.round_timings.setdefault(server_round, {})
+        for key in CLIENT_TIMING_KEYS:
+            if key in metrics:
+                totals[key] = totals.get(key, 0.0) + float(metrics.pop(key))
+
     # -- training -------------------------------------------------------------------------------
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         """Flower's sampling and messages, over the participants only."""
+        self._phase(server_round, "train", begin=True)
         self._check_global(arrays)
         if isinstance(self, FedAvgM):
             # FedAvgM steps from the arrays it last produced; a wrapper that changes them after
@@ -195,6 +226,8 @@ class SharedKeys:
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The Flower strategy's aggregation over the replies that fit, in partition order."""
+        self._phase(server_round, "train", begin=False)
+        self._phase(server_round, "aggregate_train", begin=True)
         kept = self.accept_replies(server_round, replies)
         arrays, metrics = super().aggregate_train(server_round, kept)  # type: ignore[misc]
         if arrays is not None:
@@ -202,6 +235,7 @@ class SharedKeys:
         if metrics is not None:
             self.round_stats.setdefault(server_round, {}).update(
                 {k: float(v) for k, v in metrics.items() if not isinstance(v, list)})
+        self._phase(server_round, "aggregate_train", begin=False)
         return arrays, metrics
 
     def averaged_statistics(self, arrays: ArrayRecord, kept: Sequence[Message]) -> ArrayRecord:
@@ -240,6 +274,7 @@ class SharedKeys:
             if problem:
                 log.warning("dropped reply from node %s: %s", msg.metadata.src_node_id, problem)
                 continue
+            self._client_timings(server_round, next(iter(msg.content.metric_records.values())))
             arrays = msg.content[self.arrayrecord_key]  # type: ignore[attr-defined]
             if list(arrays.keys()) != self.key_order():  # Flower's steps zip arrays by position
                 msg.content[self.arrayrecord_key] = ArrayRecord(  # type: ignore[attr-defined]
@@ -317,10 +352,12 @@ class SharedKeys:
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        """On evaluation rounds: pACC on every participant, zACC on every held-out node (without
-        roles: Flower's own evaluation of the connected nodes)."""
+        """On evaluation rounds: pACC on the participants, zACC on the held-out nodes (all, or
+        this round's samples: ``eval_participants``/``eval_heldout``); without roles: Flower's
+        own evaluation of the connected nodes."""
         if not self.is_eval_round(server_round):
             return []
+        self._phase(server_round, "evaluate", begin=True)
         if self.discover_roles:
             view = NodeSubset(grid)
             with seeded_random(self._round_seed(server_round)):
@@ -331,18 +368,38 @@ class SharedKeys:
         config["server-round"] = server_round
         record = RecordDict({self.arrayrecord_key: arrays,  # type: ignore[attr-defined]
                              self.configrecord_key: config})  # type: ignore[attr-defined]
-        return [Message(record, dst_node_id=node, message_type=kind)
-                for nodes, kind in ((self.roles.participants, MessageType.EVALUATE),
-                                    (self.roles.heldout, ZEROSHOT_MESSAGE_TYPE))
-                for node in nodes]
+        messages = [Message(record, dst_node_id=node, message_type=kind)
+                    for role, kind in (("participants", MessageType.EVALUATE),
+                                       ("heldout", ZEROSHOT_MESSAGE_TYPE))
+                    for node in self.evaluated(role, server_round)]
+        self.round_stats.setdefault(server_round, {}).update(
+            {"n_eval_sent": len(messages),
+             "bytes_sent_eval": float(arrays.count_bytes() * len(messages))})
+        return messages
+
+    def evaluated(self, role: str, server_round: int) -> tuple[int, ...]:
+        """The nodes of ``role`` ("participants" or "heldout") scored this round, in partition
+        order: all of them, or a sample of ``eval_participants``/``eval_heldout`` drawn from the
+        seed, the round and the role (the same on every rerun, a new one each round)."""
+        nodes = getattr(self.roles, role)
+        size = self.eval_sizes[role]
+        if not size or size >= len(nodes):
+            return tuple(nodes)
+        rng = random.Random(f"evaluate {role} seed {self.seed} round {server_round}")
+        return tuple(nodes[i] for i in sorted(rng.sample(range(len(nodes)), size)))
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
         """pACC over participants and zACC (mean, spread, percentiles) over held-out nodes
         (without roles: Flower's sample-weighted mean of every key)."""
+        self._phase(server_round, "evaluate", begin=False)
         replies = list(replies)
         if not replies:
             return None
+        for msg in replies:
+            if not msg.has_error():
+                for record in msg.content.metric_records.values():
+                    self._client_timings(server_round, record)
         if self.discover_roles:
             metrics = super().aggregate_evaluate(server_round, replies)  # type: ignore[misc]
             if metrics is not None:

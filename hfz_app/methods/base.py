@@ -167,7 +167,9 @@ class Method:
             cls = with_layer(self.strategy_layer, cls)
         return cls(
             shared_keys, roles, num_rounds=cfg.run.rounds, eval_every=cfg.run.eval_every,
-            seed=cfg.run.seed, fraction_train=server.fraction_train,
+            eval_participants=cfg.eval.participants_sample,
+            eval_heldout=cfg.eval.heldout_sample, seed=cfg.run.seed,
+            fraction_train=server.fraction_train,
             min_train_nodes=server.min_train_nodes, **step_kwargs, **self.strategy_kwargs())
 
     def strategy_kwargs(self) -> dict[str, Any]:

@@ -54,9 +54,13 @@ OVERRIDABLE_PREFIXES = ("data.", "eval.")
 OVERRIDABLE_KEYS = ("train.torch_threads", "run.device")
 
 
+# The training app's evaluation schedule: this app scores every held-out client once.
+NOT_OVERRIDABLE = ("eval.participants_sample", "eval.heldout_sample")
+
+
 def overridable_keys() -> list[str]:
-    return [k for k in run_config_keys()
-            if k.startswith(OVERRIDABLE_PREFIXES) or k in OVERRIDABLE_KEYS]
+    return [k for k in run_config_keys() if k not in NOT_OVERRIDABLE
+            and (k.startswith(OVERRIDABLE_PREFIXES) or k in OVERRIDABLE_KEYS)]
 
 
 @dataclass
