@@ -332,3 +332,27 @@ def test_scale_report_from_fixture_runs(tmp_path, capsys):
     table = scale.processes()
     assert os.getpid() in table and table[os.getpid()][2] > 0
     assert os.getpid() in scale.descendants(table, table[os.getpid()][0])
+
+
+def test_step_time_recipe_section_times_the_clients_step_and_quotes_into_cost_table(
+        tmp_path, monkeypatch):
+    """step_time's recipe rows run the method's own step against FedAvg's, print a goal line per
+    row and where the time goes; cost_table quotes those rows, not the breakdown."""
+    from benchmarks import cost_table, step_time
+
+    out = tmp_path / "step_time.md"
+    monkeypatch.setattr(sys, "argv", ["step_time", "--targets", "none", "--recipe-targets",
+                                      "mlp", "--repeats", "1", "--steps", "1", "--no-compile",
+                                      "--out", str(out)])
+    step_time.main()
+    text = out.read_text()
+    assert "### mlp (`mnist_mlp`)" in text
+    for row in ("fedavg", "recipe", "recipe, e uniform (no extractor run)",
+                "recipe, backbone extractor"):
+        assert f"| {row} |" in text
+    assert text.count("- goal <= 1.25x") == 3
+    for part in ("extractor", "hypernetwork", "target forward", "backward", "optimiser step"):
+        assert f"| {part} |" in text
+    quoted = cost_table.step_time_quote(out)
+    assert [row.split("|")[1].strip() for row in quoted] == [
+        "fedavg", "recipe", "recipe, e uniform (no extractor run)", "recipe, backbone extractor"]
