@@ -34,6 +34,7 @@ from hfz_app.methods.scaffold import (
     Controlled,
     momentum_weight,
 )
+from hfz_app.training import make_optimizer
 from server_app import app as server_app
 
 N, M = 3, 1
@@ -52,7 +53,7 @@ def test_scaffold_corrected_step_and_variate_by_hand() -> None:
     """One plain SGD step (K=1): y = x - lr (g - c_i + c), and c_i+ = c_i - c + (x - y)/lr = g."""
     lr = 0.1
     method, model = scaffold_on(torch.nn.Linear(2, 2, bias=False),
-                                **{"train.lr": lr, "scaffold.lr": 0.0, "train.momentum": 0.0})
+                                **{"train.lr": lr, "scaffold.lr": 0.0, "scaffold.momentum": 0.0})
     w0 = torch.tensor([[0.5, -1.0], [2.0, 0.25]])
     ci = torch.tensor([[0.1, 0.2], [-0.3, 0.4]])
     c = torch.tensor([[1.0, -0.5], [0.0, 2.0]])
@@ -71,6 +72,16 @@ def test_scaffold_corrected_step_and_variate_by_hand() -> None:
     torch.testing.assert_close(model.client_control("weight"), g)
     delta = method.reply_extras(model)[CONTROL_DELTA][key].numpy()
     np.testing.assert_allclose(delta, (g - ci).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_scaffold_steps_with_its_own_momentum_not_the_other_methods() -> None:
+    for momentum in (0.0, 0.5):
+        method, model = scaffold_on(torch.nn.Linear(2, 2), **{"train.momentum": 0.9,
+                                                              "scaffold.momentum": momentum})
+        (group,) = method.param_groups(model)
+        assert group["momentum"] == momentum
+        opt = make_optimizer(method.param_groups(model), method.cfg.train)
+        assert opt.param_groups[0]["momentum"] == momentum
 
 
 def test_scaffold_momentum_weight_by_hand() -> None:

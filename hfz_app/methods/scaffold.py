@@ -168,8 +168,9 @@ class ScaffoldMethod(FedAvgMethod):
     .. math::
         c_i^+ = c_i - c + \frac{x - y_i}{\eta_l\,S_K}, \qquad \Delta c_i = c_i^+ - c_i,
 
-    with :math:`\eta_l` = ``scaffold.lr`` (default ``train.lr``), :math:`S_K = K` for plain SGD
-    (the paper) and, with SGD momentum :math:`\beta` (``train.momentum``),
+    with :math:`\eta_l` = ``scaffold.lr`` (0: ``train.lr``), :math:`S_K = K` for plain SGD
+    (the paper, and the default ``scaffold.momentum`` 0) and, with SGD momentum :math:`\beta`
+    (``scaffold.momentum``),
     :math:`S_K = \sum_{j=1}^K (1-\beta^j)/(1-\beta)`: the total weight momentum gives the
     corrected gradients, so that :math:`c_i^+` is again their weighted mean minus the correction. The server steps :math:`x` with the configured server step over the
     :math:`y_i` (``server.*``, the same for every method; FedAvg: the sample-weighted mean) and
@@ -208,7 +209,7 @@ class ScaffoldMethod(FedAvgMethod):
 
     def param_groups(self, model: nn.Module) -> list[dict]:
         return [{"params": [model.net.get_parameter(n) for n in model.names],
-                 "lr": self.local_lr()}]
+                 "lr": self.local_lr(), "momentum": self.cfg.scaffold.momentum}]
 
     def zeroshot_module(self, model: Controlled, x: torch.Tensor | None = None) -> nn.Module:
         return model.net
@@ -252,7 +253,7 @@ class ScaffoldMethod(FedAvgMethod):
             for hook in hooks:
                 hook.remove()
         steps = train.local_epochs * math.ceil(len(x) / train.batch_size)
-        scale = self.local_lr() * momentum_weight(steps, train.momentum)
+        scale = self.local_lr() * momentum_weight(steps, self.cfg.scaffold.momentum)
         with torch.no_grad():
             model.control_delta = {}
             for n, p, p0, c_old in zip(model.names, params, start, ci, strict=True):
