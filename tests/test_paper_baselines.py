@@ -117,6 +117,16 @@ def test_fedamp_attention_weights_by_hand() -> None:
     np.testing.assert_allclose(cloud_model(same, 1, 0.9, 1.0)["w"], [2.0], rtol=1e-6)
 
 
+def test_fedamp_refuses_a_negative_self_weight_in_one_line() -> None:
+    cfg = load_config("tiny", {"run.method": "fedamp", "data.num_participants": 12,
+                               "fedamp.sigma": 100.0, "fedamp.alpha_k": 10.0})
+    with pytest.raises(ConfigError, match=r"fedamp.alpha_k: expected <= .* = 9.09091"):
+        get_method("fedamp")(cfg, (1, 2, 2), 2)
+    get_method("fedamp")(load_config("tiny", {"run.method": "fedamp", "data.num_participants": 11,
+                                              "fedamp.sigma": 100.0, "fedamp.alpha_k": 10.0}),
+                         (1, 2, 2), 2)
+
+
 # --- PeFLL -------------------------------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from torch import nn
 
+from hfz_app.config import ConfigError
 from hfz_app.methods.fedprox import proximal_term
 from hfz_app.methods.personal import PersonalisedMethod
 from hfz_app.training import make_optimizer, train_epochs
@@ -130,6 +131,15 @@ class FedAMPMethod(PersonalisedMethod):
 
     name = "fedamp"
     strategy_layer = FedAMPLayer
+
+    def __init__(self, cfg, input_shape, num_classes) -> None:
+        super().__init__(cfg, input_shape, num_classes)
+        others = cfg.data.num_participants - 1
+        if others > 0 and cfg.fedamp.alpha_k > cfg.fedamp.sigma / others:
+            raise ConfigError(
+                f"fedamp.alpha_k: expected <= fedamp.sigma / (data.num_participants - 1) = "
+                f"{cfg.fedamp.sigma / others:g}, so that a participant's weight on its own model "
+                f"stays >= 0; got {cfg.fedamp.alpha_k:g}")
 
     def local_train(self, model, x, y, generator, config: Mapping[str, Any] | None = None):
         train, cfg = self.cfg.train, self.cfg.fedamp
