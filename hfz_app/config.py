@@ -301,7 +301,7 @@ class FedAMPSection:
 
     # The attention's scale, screened as sigma with alpha_k = sigma / 10 (with 10 participants
     # xi_ii >= 0 needs alpha_k <= sigma / 9) on the mnist sweep, seed 0, by pACC: sigma 1 / 10 /
-    # 100 / 1000 gave 95.2 / 95.5 / 96.5 / 96.4 (benchmarks/results/tuning_paper_baselines.jsonl).
+    # 100 / 1000 gave 94.9 / 95.5 / 96.5 / 96.4 (mnist.jsonl, tuning_paper_baselines.jsonl).
     # At sigma 1 the squared distances between participants' models (7-25 after a round or two
     # on MNIST/MLP) made every exp(-d/sigma) ~ 0: no message passing at all.
     alpha_k: float = field(default=10.0, metadata=_check(gt=0))
