@@ -261,7 +261,8 @@ def run_recipe(target: str, args) -> tuple[list[Variant], dict[str, dict[str, fl
     steps = args.steps or {"mlp": 20, "lenet_s": 10, "resnet20": 2}[target]
     built, timers = [], {}
     for name, (method_name, overrides) in RECIPE_VARIANTS.items():
-        if "compiled" in name and not args.compile:
+        if "compiled" in name and not (args.compile and (target != "resnet20"
+                                                          or args.compile_resnet)):
             continue
         t0 = time.perf_counter()
         step, parts = _method_step(preset, shape, classes, method_name, overrides, x, y)
