@@ -146,7 +146,7 @@ def style_cells(preset: str) -> tuple[Cell, ...]:
         Cell("ditto", "Ditto (shared model)", "ditto", preset, base),
         Cell("pfedme", "pFedMe (shared model)", "pfedme", preset, base),
         Cell("fedjets", "FedJets", "fedjets", preset, base),
-        Cell("hfz-paper", "HyperFedZero as in the paper (per-sample, unanchored)", HFZ, preset,
+        Cell("hfz-paper", "HyperFedZero as in the paper (per-sample, unanchored; the preset's)", HFZ, preset,
              base | PAPER_HFZ),
         Cell("hfz-paper-control", "HyperFedZero as in the paper, `e` uniform (control)", HFZ,
              preset, base | PAPER_HFZ | UNIFORM),
