@@ -196,15 +196,21 @@ def run_target(target: str, args) -> list[Variant]:
         variant.setup_s = time.perf_counter() - t0
         built.append(variant)
         print(f"  [{target}] set up {name} in {variant.setup_s:.1f} s", flush=True)
-    for r in range(args.repeats):
-        for variant in built:
+    time_interleaved(built, args.repeats, steps, target)
+    return built
+
+
+def time_interleaved(variants: list[Variant], repeats: int, steps: int, label: str) -> None:
+    """Each repeat times every variant once, ``steps`` steps in a row (wall and CPU ms per
+    step), so that a slow phase of a shared machine hits every variant alike."""
+    for r in range(repeats):
+        for variant in variants:
             w0, c0 = time.perf_counter(), time.process_time()
             for _ in range(steps):
                 variant.step()
             variant.wall.append((time.perf_counter() - w0) / steps * 1e3)
             variant.cpu.append((time.process_time() - c0) / steps * 1e3)
-        print(f"  [{target}] repeat {r + 1}/{args.repeats} done", flush=True)
-    return built
+        print(f"  [{label}] repeat {r + 1}/{repeats} done", flush=True)
 
 
 def _method_step(preset: str, shape, classes: int, method_name: str, overrides: list[str],
@@ -273,13 +279,7 @@ def run_recipe(target: str, args) -> tuple[list[Variant], dict[str, dict[str, fl
         built.append(variant)
         if name in ("fedavg", "recipe"):
             timers[name] = parts
-    for _ in range(args.repeats):
-        for variant in built:
-            w0, c0 = time.perf_counter(), time.process_time()
-            for _ in range(steps):
-                variant.step()
-            variant.wall.append((time.perf_counter() - w0) / steps * 1e3)
-            variant.cpu.append((time.process_time() - c0) / steps * 1e3)
+    time_interleaved(built, args.repeats, steps, f"recipe, {target}")
     samples: dict[str, dict[str, list[float]]] = {k: {} for k in timers}
     for _ in range(max(args.repeats, 3) * steps):
         for name, parts in timers.items():
