@@ -44,6 +44,7 @@ from benchmarks.harness import (
     parse_variants,
     run_training,
 )
+from hfz_app.api import recipe_options
 from hfz_app.config import CONF_DIR, parse_overrides
 
 RESULTS_DIR = ROOT / "benchmarks" / "results"  # default: <sweep>[+<sweep>...].jsonl here
@@ -129,11 +130,10 @@ PAPER_HFZ = {"model.anchor": "none", "model.embed_dim": 16, "model.granularity":
              "train.hyper_output_lr_scale": 0.01, "train.prior_alpha": 0.0}
 
 
-# The presets' recipe (conf/hyperfedzero_recipe.yaml), spelt out for presets whose own default is
-# another setting (style_mnist_lenet: the one that won on the participants' pACC there).
-RECIPE_HFZ = {"model.anchor": "labels", "model.embed_dim": 0, "model.granularity": "client",
-              "model.generate": "head", "model.chunk_layout": "row", "model.hyper_input": "log",
-              "model.alpha": 0.1, "train.hyper_output_lr_scale": 1.0, "train.prior_alpha": 1.0}
+# The presets' recipe (conf/hyperfedzero_recipe.yaml) as overrides, for presets whose own default
+# is another setting (style_mnist_lenet: the one that won on the participants' pACC there).
+RECIPE_HFZ = {f"{section}.{key}": value for section in ("model", "train")
+              for key, value in recipe_options(section).items()}
 
 
 def style_cells(preset: str) -> tuple[Cell, ...]:

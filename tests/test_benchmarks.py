@@ -359,8 +359,8 @@ def test_step_time_recipe_section_times_the_clients_step_and_quotes_into_cost_ta
 
 
 def test_the_sweeps_spelt_out_recipe_is_the_presets_recipe():
-    """sweep.RECIPE_HFZ (the recipe's keys for presets whose own default differs) must stay what
-    conf/hyperfedzero_recipe.yaml sets: on a preset that extends it, it changes nothing."""
+    """sweep.RECIPE_HFZ (the recipe's keys for presets whose own default differs) is what the
+    presets that extend conf/hyperfedzero_recipe.yaml run: on them it changes nothing."""
     assert (load_config("mnist_mlp", sweep.RECIPE_HFZ).flat()
             == load_config("mnist_mlp").flat())
     assert (load_config("fashion_mnist_lenet_s", sweep.RECIPE_HFZ).flat()
