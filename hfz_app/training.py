@@ -57,8 +57,8 @@ def autocast(device: torch.device, enabled: bool):
 
 def make_optimizer(groups: list[dict], cfg: TrainSection) -> torch.optim.Optimizer:
     """``train.optimizer`` over ``groups``. SGD takes torch's multi-tensor (``foreach``) path on
-    every device: one call per group instead of three per parameter tensor, which is most of a
-    small model's optimiser time on the CPU, with bit-identical results (``tests/test_hyper.py``).
+    every device: one call per group instead of three per parameter tensor, with bit-identical
+    results (``tests/test_hyper.py``).
     Adam keeps the single-tensor path, whose results the multi-tensor one does not reproduce."""
     if cfg.optimizer == "adam":
         return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -88,8 +88,7 @@ def train_epochs(
     batches on every device), and the sums stay on the device in float64 until the end, so a step
     never waits for the host."""
     model.train()
-    keys: list[str] = []
-    totals: torch.Tensor | None = None  # float64 sums of the loss and its parts, in keys' order
+    totals: dict[str, torch.Tensor] = {}
     seen = 0
     labels = y.cpu()
     for _ in range(epochs):
@@ -103,12 +102,6 @@ def train_epochs(
                 after_step()
             n = len(idx)
             seen += n
-            values = {"train_loss": loss.detach(), **parts}
-            if totals is None:
-                keys = list(values)
-            step = torch.stack([torch.as_tensor(values[k], device=loss.device)
-                                for k in keys]).double() * n  # one sum for all parts
-            totals = step if totals is None else totals + step
-    if totals is None:
-        return {}
-    return {key: float(value) / max(seen, 1) for key, value in zip(keys, totals.tolist())}
+            for key, value in {"train_loss": loss.detach(), **parts}.items():
+                totals[key] = totals.get(key, 0.0) + torch.as_tensor(value).double() * n
+    return {key: float(value) / max(seen, 1) for key, value in totals.items()}

@@ -367,8 +367,8 @@ def test_parameter_counts_near_target() -> None:
 def test_training_is_bit_identical_to_single_tensor_sgd_and_reports_weighted_means(
         method_name) -> None:
     """make_optimizer's multi-tensor SGD gives the same weights, bit for bit, as torch's
-    single-tensor loop (three parameter groups for the recipe), and train_epochs' one stacked
-    sum gives each part's sample-weighted mean over the epoch's batches."""
+    single-tensor loop (three parameter groups for the recipe), and train_epochs reports each
+    part's sample-weighted mean over the epoch's batches."""
     import copy
 
     from hfz_app.config import load_config
