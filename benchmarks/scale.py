@@ -290,7 +290,7 @@ def summarise(result: Result) -> dict[str, Any]:
         "peaks": peaks, "growth": memory_growth(peaks, len(result.rounds())),
         "workers": result.workers(), "wall_s": result.wall_s,
         "training_s": number(result.rows[-1].get("elapsed_s")),
-        "zacc": result.rows[-1].get("zacc_weighted", ""),
+        "zacc": 100 * number(result.rows[-1].get("zacc_weighted")),  # percent, as every table
     }
 
 
@@ -346,7 +346,7 @@ def report(args: argparse.Namespace, argv: list[str], results: list[Result],
             f"| {m} | {round_s:.2f} | {'-' if math.isnan(ratio) else f'{ratio:.2f}x'} | {median([s['train_mb'] for s in st]):.1f} "
             f"| {median([s['eval_mb'] for s in st]):.1f} | "
             f"{max(s['server_peak'] for s in st):.0f} | {max(s['client_peak'] for s in st):.0f} "
-            f"| {grow} | {median([s['wall_s'] for s in st]):.0f} | {st[-1]['zacc']} |")
+            f"| {grow} | {median([s['wall_s'] for s in st]):.0f} | {st[-1]['zacc']:.2f} |")
         if growths:
             worst = max(max(g["server"], g["client"]) for g in growths)
             verdicts.append(f"- memory, {m}: largest growth {worst:+.1f} MB (target <= "

@@ -325,6 +325,7 @@ def test_scale_report_from_fixture_runs(tmp_path, capsys):
     assert "memory, fedavg: largest growth +0.0 MB" in text and ": met" in text
     assert "memory, hyperfedzero: largest growth +150.0 MB (target <= 32 MB): missed" in text
     assert "| fedavg | 2.00 | 1.00x | 2.0 | 5.0 |" in text
+    assert text.count(" | 90.00 |\n") == 2  # the final zACC in percent, as every table
     small = argparse.Namespace(**{**vars(args), "participants": 100, "rounds": 3})
     assert "(SMOKE RUN)" in scale.report(small, [], [fedavg, hfz], ((1, 1, 1), (1, 1, 1)))
     assert scale.main(["--rounds", "0", "--out", str(tmp_path / "x.md")]) == 2
