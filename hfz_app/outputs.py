@@ -116,10 +116,10 @@ class RunOutputs:
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         (directory / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         self.rows: list[dict[str, Any]] = []
-        # Each round's per-client replies as JSON text, encoded once: metrics.json is rewritten
-        # every round, and re-encoding (and holding as dicts) every earlier round's replies grew
-        # with rounds x clients.
-        self.clients: dict[int, str] = {}
+        # Byte range [start, end) of the per-client replies inside the current metrics.json: the
+        # next rewrite copies it from the file instead of holding every round's replies in
+        # memory, which grew with rounds x clients (docs/benchmarks/scale.md).
+        self._clients_span: tuple[int, int] | None = None
         if fresh or not self.timings_csv.exists():
             self.timings_csv.write_text(",".join(TIMING_COLUMNS) + "\n")
 
@@ -137,10 +137,14 @@ class RunOutputs:
     def metrics_csv(self) -> Path:
         return self.dir / "metrics.csv"
 
+    @property
+    def metrics_json(self) -> Path:
+        return self.dir / "metrics.json"
+
     def log_round(self, row: dict[str, Any], clients: Any = None) -> None:
+        """Add one round: its row to ``metrics.csv`` and ``metrics.json``, its per-client
+        replies (if any) to ``metrics.json``'s ``clients``; both files are replaced whole."""
         self.rows.append(row)
-        if clients is not None:
-            self.clients[int(row["round"])] = json.dumps(clients, indent=1, default=float)
         tmp = self.metrics_csv.with_suffix(".csv.tmp")
         with tmp.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
@@ -148,12 +152,30 @@ class RunOutputs:
             for r in self.rows:
                 writer.writerow({k: _csv_value(r.get(k)) for k in COLUMNS})
         tmp.replace(self.metrics_csv)
+        self._write_metrics_json({} if clients is None else {int(row["round"]): clients},
+                                 keep_previous=True)
+
+    def _write_metrics_json(self, clients: dict[int, Any], keep_previous: bool) -> None:
+        """``metrics.json`` = the rows, then ``clients``: one line per round. The earlier rounds'
+        lines are copied from the previous file (``keep_previous``), so memory stays that of
+        one round however many rounds ran."""
         head = json.dumps({"run": self.cfg.run.name, "columns": COLUMNS, "rounds": self.rows},
                           indent=1, default=float)
-        clients = ",\n".join(f'"{r}": {text}' for r, text in self.clients.items())
+        new = [f'\n  "{r}": {json.dumps(c, default=float)}'.encode() for r, c in clients.items()]
+        span = self._clients_span if keep_previous and self.metrics_json.exists() else None
         tmp = self.dir / "metrics.json.tmp"
-        tmp.write_text(f'{head[:-2]},\n "clients": {{{clients}}}\n}}')
-        tmp.replace(self.dir / "metrics.json")
+        with tmp.open("wb") as out:
+            out.write(f'{head[:-2]},\n "clients": {{'.encode())
+            start = out.tell()
+            if span is not None and span[1] > span[0]:
+                with self.metrics_json.open("rb") as previous:
+                    previous.seek(span[0])
+                    _copy_bytes(previous, out, span[1] - span[0])
+                new = [b"," + line for line in new]
+            out.write(b",".join(new))
+            self._clients_span = (start, out.tell())
+            out.write(b"\n }\n}\n")
+        tmp.replace(self.metrics_json)
 
     def checkpoint_path(self, server_round: int) -> Path:
         return self.checkpoint_dir / f"round_{server_round:04d}.pt"
@@ -161,10 +183,10 @@ class RunOutputs:
     def restore(self, upto_round: int) -> None:
         """A resumed run: the rows and per-client replies of rounds 0..``upto_round`` from
         ``metrics.json`` (full precision), so that the files continue as if never interrupted."""
-        payload = json.loads((self.dir / "metrics.json").read_text())
+        payload = json.loads(self.metrics_json.read_text())
         self.rows = [row for row in payload["rounds"] if int(row["round"]) <= upto_round]
-        self.clients = {int(r): json.dumps(c, indent=1, default=float)
-                        for r, c in payload.get("clients", {}).items() if int(r) <= upto_round}
+        self._write_metrics_json({int(r): c for r, c in payload.get("clients", {}).items()
+                                  if int(r) <= upto_round}, keep_previous=False)
 
     def plot(self) -> list[Path]:
         """Accuracy curves and embedding usage against rounds (PNG)."""
@@ -286,6 +308,16 @@ def find_resume_point(cfg: Config) -> tuple[Path, int]:
             raise ConfigError(f"{key}: expected {saved_cfg[key]!r} as in the run being resumed "
                               f"({directory}), got {now[key]!r}")
     return directory, last
+
+
+def _copy_bytes(src: Any, dst: Any, count: int, chunk: int = 1 << 20) -> None:
+    """Copy ``count`` bytes from ``src``'s position to ``dst``, ``chunk`` at a time."""
+    while count > 0:
+        data = src.read(min(chunk, count))
+        if not data:
+            raise OSError(f"{src.name}: ended {count} bytes early")
+        dst.write(data)
+        count -= len(data)
 
 
 def _present(value: Any) -> bool:

@@ -73,3 +73,32 @@ def test_curves_show_accuracy_usage_and_the_collapse_diagnostics(tmp_path, monke
     assert labels[1] == ["participants", "held-out"]
     assert labels[2] == ["mean H(e), participants", "mean H(e), held-out",
                          "distance between held-out clients' mean e"]
+
+
+def test_metrics_json_keeps_every_round_without_holding_them(tmp_path) -> None:
+    """metrics.json is rewritten each round from the previous file (no round's replies kept in
+    memory): every round's row and replies are in it, a round without replies adds none, and a
+    restored run keeps only the rounds up to its checkpoint and goes on from there."""
+    import json
+
+    from hfz_app.outputs import RunOutputs
+
+    cfg = load_config("tiny")
+    outputs = RunOutputs(cfg, tmp_path / "run")
+    replies = {r: {"participants": [{"partition-id": r, "accuracy": 0.1 * r}], "heldout": []}
+               for r in (1, 2, 4)}
+    for r in range(5):
+        outputs.log_round({"round": r, "gacc": 0.5}, replies.get(r))
+    assert not any(isinstance(v, (dict, list, str)) and "participants" in str(v)
+                   for k, v in vars(outputs).items() if k != "rows")
+    payload = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert [row["round"] for row in payload["rounds"]] == [0, 1, 2, 3, 4]
+    assert payload["clients"] == {str(r): c for r, c in replies.items()}
+
+    resumed = RunOutputs(cfg, tmp_path / "run")
+    resumed.restore(2)
+    resumed.log_round({"round": 3, "gacc": 0.6}, {"participants": [], "heldout": [{"x": 3}]})
+    payload = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert [row["round"] for row in payload["rounds"]] == [0, 1, 2, 3]
+    assert payload["clients"] == {"1": replies[1], "2": replies[2],
+                                  "3": {"participants": [], "heldout": [{"x": 3}]}}
