@@ -14,7 +14,10 @@ weigh on both; medians over repeats. Measured per method:
   (the round and the ServerApp's bookkeeping after the one before: gACC, checkpoint, files);
 - peak RSS of the ServerApp process (``flwr-simulation``, which also holds Flower's simulation
   engine) and of the ClientApp processes (the Ray actors, ``ray::ClientAppActor``), read from
-  ``/proc`` every ``--sample-s`` and attributed to rounds by the time their progress line appears;
+  ``/proc`` every ``--sample-s`` and attributed to rounds by the ServerApp's own clock (the
+  ``end_unix`` of each round in ``timings.csv``; the progress lines reach the launcher up to a
+  second late through Flower's log relay), and the peak after the last round (``curves.png``,
+  the summary, shut-down) apart, since it does not recur with rounds;
 - bytes per round: the train messages' arrays out and back and the evaluation messages' arrays;
 - where a round's time goes, from the run's ``timings.csv``: the ClientApps' own seconds (data,
   local training, scoring) divided by the number of ClientApp processes that ran at once, the
@@ -104,10 +107,10 @@ class MemorySampler:
         self.interval, self.samples = interval, []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
-        self.t0 = 0.0
+        self.t0 = self.unix0 = 0.0
 
     def start(self) -> None:
-        self.t0 = time.perf_counter()
+        self.t0, self.unix0 = time.perf_counter(), time.time()
         self._thread.start()
 
     def stop(self) -> None:
@@ -131,7 +134,7 @@ class MemorySampler:
 def round_peaks(samples: list[Sample], marks: dict[int, float]
                 ) -> dict[int, tuple[float, dict[int, float]]]:
     """Per round r >= 1: (ServerApp peak MB, {ClientApp pid: peak MB}) over the samples between
-    the progress lines of rounds r-1 and r."""
+    the ends of rounds r-1 and r."""
     out: dict[int, tuple[float, dict[int, float]]] = {}
     for r in sorted(marks):
         if r == 0 or r - 1 not in marks:
@@ -145,6 +148,17 @@ def round_peaks(samples: list[Sample], marks: dict[int, float]
                 clients[pid] = max(clients.get(pid, 0.0), rss / 2**20)
         out[r] = (max(s.server for s in inside) / 2**20, clients)
     return out
+
+
+def after_last_round(samples: list[Sample], marks: dict[int, float]
+                     ) -> tuple[float, float] | None:
+    """(ServerApp, largest ClientApp) peak MB after the last round's end: curves.png, the
+    summary and shut-down, once per run; None if no sample came after it."""
+    after = [s for s in samples if marks and s.t > max(marks.values())]
+    if not after:
+        return None
+    return (max(s.server for s in after) / 2**20,
+            max((max(s.clients.values(), default=0) for s in after), default=0) / 2**20)
 
 
 def memory_growth(peaks: dict[int, tuple[float, dict[int, float]]], rounds: int
@@ -204,14 +218,10 @@ def run_one(method: str, repeat: int, args: argparse.Namespace, extra: dict[str,
         "eval.heldout_sample": min(args.eval_heldout, args.heldout),
         "train.torch_threads": 1, **extra,
     }
-    marks: dict[int, float] = {}
     sampler = MemorySampler(args.sample_s)
 
     def on_line(now: float, line: str) -> None:
-        found = ROUND_LINE.match(line)
-        if found:
-            marks.setdefault(int(found.group(1)), time.perf_counter() - sampler.t0)
-        if args.verbose or found:
+        if args.verbose or ROUND_LINE.match(line):
             print(f"  {name}: {line.rstrip()}", flush=True)
 
     sampler.start()
@@ -226,6 +236,8 @@ def run_one(method: str, repeat: int, args: argparse.Namespace, extra: dict[str,
         raise SystemExit(f"error: {name} exited {run.rc}:\n{tail}")
     with (run.output_dir / "timings.csv").open() as f:
         timings = list(csv.DictReader(f))
+    marks = {int(t["round"]): float(t["end_unix"]) - sampler.unix0
+             for t in timings if t.get("end_unix")}
     return Result(method, repeat, run.wall_s, run.rows, timings, marks, sampler.samples)
 
 
@@ -380,8 +392,9 @@ def report(args: argparse.Namespace, argv: list[str], results: list[Result],
         lines += ["", "HyperFedZero's extra time per round against FedAvg, largest first: "
                   + ", ".join(f"{p} {diff[p]:+.2f} s" for p in top) + "."]
     lines += ["", "## Per round", "",
-              ("Wall s and peak RSS MB (ServerApp / largest ClientApp process) of each round; "
-               "first repeat."), "",
+              ("Wall s and peak RSS MB (ServerApp / largest ClientApp process) of each round, "
+               "from the end of the round before to its own end by the ServerApp's clock; first "
+               "repeat."), "",
               "| round | " + " | ".join(f"{m} wall s | {m} RSS MB" for m in methods) + " |",
               "|---:|" + "---:|---|" * len(methods)]
     firsts = {m: next(r for r in results if r.method == m) for m in methods}
@@ -394,6 +407,10 @@ def report(args: argparse.Namespace, argv: list[str], results: list[Result],
             rss = f"{p[0]:.0f} / {max(p[1].values(), default=0):.0f}" if p else "-"
             cells.append(f"{walls[m].get(r, float('nan')):.2f} | {rss}")
         lines.append(f"| {r} | " + " | ".join(cells) + " |")
+    ends = {m: after_last_round(firsts[m].samples, firsts[m].marks) for m in methods}
+    cells = [f"- | {e[0]:.0f} / {e[1]:.0f}" if e else "- | -" for e in ends.values()]
+    lines.append("| after the last round (curves.png, summary, shut-down) | "
+                 + " | ".join(cells) + " |")
     return "\n".join(lines).rstrip() + "\n"
 
 

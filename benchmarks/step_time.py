@@ -28,6 +28,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 if "--omp-passive" in sys.argv:  # must precede the first torch import
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
@@ -35,6 +36,7 @@ if "--omp-passive" in sys.argv:  # must precede the first torch import
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.harness import ROOT, machine, written_by
 from hfz_app.config import ModelSection, TrainSection, load_config, parse_overrides
@@ -71,6 +73,7 @@ class Variant:
     wall: list[float] = dataclasses.field(default_factory=list)
     cpu: list[float] = dataclasses.field(default_factory=list)
     setup_s: float = 0.0
+    ops: int | None = None  # aten operators one eager step dispatches (None: not counted)
 
     def median(self, clock: str) -> float:
         return statistics.median(getattr(self, clock))
@@ -213,6 +216,26 @@ def time_interleaved(variants: list[Variant], repeats: int, steps: int, label: s
         print(f"  [{label}] repeat {r + 1}/{repeats} done", flush=True)
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the aten operators dispatched while active (forward, backward and optimiser
+    alike): the kernels an eager step launches, each with its fixed dispatch cost."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(fn: Callable[[], Any]) -> int:
+    """Aten operators one call of ``fn`` dispatches."""
+    with OpCounter() as counter:
+        fn()
+    return counter.count
+
+
 def _method_step(preset: str, shape, classes: int, method_name: str, overrides: list[str],
                  x, y) -> tuple[Callable[[], None], Callable[[], dict[str, float]]]:
     """One training step of ``method_name`` on ``preset`` exactly as a client takes it (the
@@ -229,30 +252,32 @@ def _method_step(preset: str, shape, classes: int, method_name: str, overrides: 
         loss.backward()
         opt.step()
 
-    def parts() -> dict[str, float]:
+    def parts(clock: Callable[[], float] = time.perf_counter, scale: float = 1e3
+              ) -> dict[str, float]:
         """Wall ms of the step's parts (the HyperFedZero forward taken apart as the wrapper
-        runs it, separate extractor only)."""
-        marks = [("start", time.perf_counter())]
+        runs it, separate extractor only); ``clock``/``scale`` measure something else per part
+        (e.g. an :class:`OpCounter`'s count, scale 1)."""
+        marks = [("start", clock())]
         if isinstance(model, HyperFedZeroModel) and not model.backbone_extractor \
                 and not cfg.model.compile:
             e = model.noisy_embed(x)
-            marks.append(("extractor", time.perf_counter()))
+            marks.append(("extractor", clock()))
             gens = model.hyper.layer_inputs(model._generating(e))
-            marks.append(("hypernetwork", time.perf_counter()))
+            marks.append(("hypernetwork", clock()))
             logits = model._apply_target(x, gens=gens)
-            marks.append(("target forward", time.perf_counter()))
+            marks.append(("target forward", clock()))
             loss, _ = model.loss(HFZOutput(logits, e), y)
             usage(e)  # the step's metric, as HyperFedZeroMethod.loss reports it
-            marks.append(("loss and metrics", time.perf_counter()))
+            marks.append(("loss and metrics", clock()))
         else:
             loss, _ = method.loss(model, x, y)
-            marks.append(("forward and loss", time.perf_counter()))
+            marks.append(("forward and loss", clock()))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        marks.append(("backward", time.perf_counter()))
+        marks.append(("backward", clock()))
         opt.step()
-        marks.append(("optimiser step", time.perf_counter()))
-        return {name: (t - marks[i][1]) * 1e3 for i, (name, t) in enumerate(marks[1:])}
+        marks.append(("optimiser step", clock()))
+        return {name: (t - marks[i][1]) * scale for i, (name, t) in enumerate(marks[1:])}
 
     return step, parts
 
@@ -265,7 +290,7 @@ def run_recipe(target: str, args) -> tuple[list[Variant], dict[str, dict[str, fl
     x = torch.rand(args.batch, *shape, generator=gen)
     y = torch.randint(0, classes, (args.batch,), generator=gen)
     steps = args.steps or {"mlp": 20, "lenet_s": 10, "resnet20": 2}[target]
-    built, timers = [], {}
+    built, timers, op_parts = [], {}, {}
     for name, (method_name, overrides) in RECIPE_VARIANTS.items():
         if "compiled" in name and not (args.compile and (target != "resnet20"
                                                           or args.compile_resnet)):
@@ -276,9 +301,13 @@ def run_recipe(target: str, args) -> tuple[list[Variant], dict[str, dict[str, fl
             step()
         variant = Variant(name, step, {})
         variant.setup_s = time.perf_counter() - t0
+        if "compiled" not in name:  # compiled kernels bypass the dispatcher
+            variant.ops = count_ops(step)
         built.append(variant)
         if name in ("fedavg", "recipe"):
             timers[name] = parts
+            with OpCounter() as counter:
+                op_parts[name] = parts(lambda counter=counter: counter.count, 1)
     time_interleaved(built, args.repeats, steps, f"recipe, {target}")
     samples: dict[str, dict[str, list[float]]] = {k: {} for k in timers}
     for _ in range(max(args.repeats, 3) * steps):
@@ -287,6 +316,8 @@ def run_recipe(target: str, args) -> tuple[list[Variant], dict[str, dict[str, fl
                 samples[name].setdefault(part, []).append(ms)
     breakdown = {name: {part: statistics.median(v) for part, v in d.items()}
                  for name, d in samples.items()}
+    breakdown |= {f"{name} ops": {part: int(n) for part, n in d.items()}
+                  for name, d in op_parts.items()}
     print(f"  [{target}] recipe rows done", flush=True)
     return built, breakdown
 
@@ -308,12 +339,13 @@ def render_recipe(results: dict[str, tuple[list[Variant], dict]]) -> list[str]:
         fedavg = next(v for v in variants if v.name == "fedavg")
         fw, fc = fedavg.median("wall"), fedavg.median("cpu")
         lines += [f"### {target} (`{preset}`)", "",
-                  "| variant | wall ms | wall ratio | CPU ms | CPU ratio | set-up s |",
-                  "|---|---:|---:|---:|---:|---:|"]
+                  "| variant | wall ms | wall ratio | CPU ms | CPU ratio | aten ops | set-up s |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
         for v in variants:
             w, c = v.median("wall"), v.median("cpu")
+            ops = "-" if v.ops is None else str(v.ops)
             lines.append(f"| {v.name} | {w:.2f} | {w / fw:.2f}x | {c:.2f} | {c / fc:.2f}x | "
-                         f"{v.setup_s:.1f} |")
+                         f"{ops} | {v.setup_s:.1f} |")
         goal = RECIPE_GOALS[target]
         for v in variants:
             if v.name == "fedavg":
@@ -327,11 +359,21 @@ def render_recipe(results: dict[str, tuple[list[Variant], dict]]) -> list[str]:
         lines += ["", "Where a step's time goes (median wall ms of each part, timed apart):", "",
                   "| part | " + " | ".join(breakdown) + " |",
                   "|---|" + "---:|" * len(breakdown)]
+        def cell(value: float) -> str:
+            return str(value) if isinstance(value, int) else f"{value:.3f}"
+
         for part in parts:
-            cells = [f"{breakdown[k][part]:.3f}" if part in breakdown[k] else "" for k in breakdown]
+            cells = [cell(breakdown[k][part]) if part in breakdown[k] else "" for k in breakdown]
             lines.append(f"| {part} | " + " | ".join(cells) + " |")
-        totals = [f"**{sum(d.values()):.3f}**" for d in breakdown.values()]
+        totals = [f"**{cell(sum(d.values()))}**" for d in breakdown.values()]
         lines += ["| total | " + " | ".join(totals) + " |", ""]
+        recipe = next((v for v in variants if v.name == "recipe"), None)
+        if recipe is not None and recipe.ops and fedavg.ops and recipe.ops > fedavg.ops:
+            extra_ms = recipe.median("wall") - fw
+            lines += [(f"The recipe's step dispatches {recipe.ops} aten operators against "
+                       f"FedAvg's {fedavg.ops} ({recipe.ops / fedavg.ops:.1f}x); its extra "
+                       f"{extra_ms:.2f} ms come to {1e3 * extra_ms / (recipe.ops - fedavg.ops):.1f}"
+                       f" us per extra operator."), ""]
     return lines
 
 

@@ -39,9 +39,12 @@ COLUMNS = [
 # replies (Flower's messaging and the ClientApps' work); aggregate_train_s: the aggregation;
 # record_s: gACC (gacc_s of it), checkpoint and these files after the round (outside
 # round_time_s); client_*_s:
-# the ClientApps' own seconds summed over the round's replies (data, local training, scoring).
+# the ClientApps' own seconds summed over the round's replies (data, local training, scoring);
+# end_unix: the ServerApp's Unix time when the round's record was done (to line up other
+# measurements, e.g. benchmarks/scale.py's memory samples, with rounds).
 TIMING_COLUMNS = ["round", "round_time_s", "train_s", "aggregate_train_s", "evaluate_s",
-                  "record_s", "gacc_s", "client_data_s", "client_train_s", "client_eval_s"]
+                  "record_s", "gacc_s", "client_data_s", "client_train_s", "client_eval_s",
+                  "end_unix"]
 # Settings a resumed run may change: they do not alter what the finished rounds computed.
 RESUME_MAY_CHANGE = ("run.resume", "run.rounds", "run.output_dir", "server.timeout_s",
                      "train.torch_threads")

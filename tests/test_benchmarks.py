@@ -312,6 +312,9 @@ def test_scale_report_from_fixture_runs(tmp_path, capsys):
     growth = scale.memory_growth(peaks, rounds)
     assert growth["server"] == pytest.approx(150) and growth["client"] == pytest.approx(150)
     assert scale.memory_growth(peaks, 9) is None
+    assert scale.after_last_round(hfz.samples, hfz.marks) is None  # no sample after round 20
+    late = [*hfz.samples, scale.Sample(rounds * 10 + 5.0, 900 * 2**20, {1: 601 * 2**20})]
+    assert scale.after_last_round(late, hfz.marks) == pytest.approx((900, 601))
     parts = scale.breakdown(fedavg)[3]
     assert parts["local training"] == pytest.approx(0.5) and parts["gACC"] == pytest.approx(0.05)
     assert sum(parts.values()) == pytest.approx(2.0)
@@ -326,6 +329,7 @@ def test_scale_report_from_fixture_runs(tmp_path, capsys):
     assert "memory, hyperfedzero: largest growth +150.0 MB (target <= 32 MB): missed" in text
     assert "| fedavg | 2.00 | 1.00x | 2.0 | 5.0 |" in text
     assert text.count(" | 90.00 |\n") == 2  # the final zACC in percent, as every table
+    assert "| after the last round (curves.png, summary, shut-down) | - | - | - | - |" in text
     small = argparse.Namespace(**{**vars(args), "participants": 100, "rounds": 3})
     assert "(SMOKE RUN)" in scale.report(small, [], [fedavg, hfz], ((1, 1, 1), (1, 1, 1)))
     assert scale.main(["--rounds", "0", "--out", str(tmp_path / "x.md")]) == 2
@@ -354,6 +358,11 @@ def test_step_time_recipe_section_times_the_clients_step_and_quotes_into_cost_ta
     assert text.count("- goal <= 1.25x") == 3
     for part in ("extractor", "hypernetwork", "target forward", "backward", "optimiser step"):
         assert f"| {part} |" in text
+    ops = {line.split("|")[1].strip(): int(line.split("|")[6]) for line in text.splitlines()
+           if line.startswith(("| fedavg |", "| recipe |"))}
+    assert 0 < ops["fedavg"] < ops["recipe"]  # forward, backward and optimiser ops counted
+    assert "| part | fedavg | recipe | fedavg ops | recipe ops |" in text
+    assert f"dispatches {ops['recipe']} aten operators against FedAvg's {ops['fedavg']}" in text
     quoted = cost_table.step_time_quote(out)
     assert [row.split("|")[1].strip() for row in quoted] == [
         "fedavg", "recipe", "recipe, e uniform (no extractor run)", "recipe, backbone extractor"]

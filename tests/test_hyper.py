@@ -388,6 +388,7 @@ def test_training_is_bit_identical_to_single_tensor_sgd_and_reports_weighted_mea
         if foreach:
             opt = make_optimizer(groups, cfg.train)
             assert opt.defaults["foreach"] is True
+            assert len(opt.param_groups) == 1  # the recipe's three groups share one lr: merged
         else:
             opt = torch.optim.SGD(groups, lr=cfg.train.lr, momentum=cfg.train.momentum,
                                   foreach=False)
@@ -412,6 +413,17 @@ def test_training_is_bit_identical_to_single_tensor_sgd_and_reports_weighted_mea
     for key, value in metrics[0].items():
         expected = sum(n * parts[key] for n, parts in seen[0]) / total
         assert value == pytest.approx(expected, rel=1e-6), key
+
+
+def test_merge_groups_keeps_distinct_settings_apart() -> None:
+    from hfz_app.training import merge_groups
+
+    a, b, c = (torch.nn.Parameter(torch.zeros(1)) for _ in range(3))
+    merged = merge_groups([{"name": "x", "params": [a], "lr": 0.1},
+                           {"name": "y", "params": [b], "lr": 0.2},
+                           {"name": "z", "params": [c], "lr": 0.1}])
+    assert [(g["name"], g["lr"], [id(p) for p in g["params"]]) for g in merged] == [
+        ("x+z", 0.1, [id(a), id(c)]), ("y", 0.2, [id(b)])]
 
 
 def test_compiled_training_loss_matches_the_eager_one() -> None:

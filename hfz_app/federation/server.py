@@ -72,7 +72,8 @@ class RoundRecorder:
         self.last = time.monotonic()
         self.outputs.log_timings({"round": server_round, "round_time_s": row["round_time_s"],
                                   "record_s": self.last - now, "gacc_s": gacc_s,
-                                  **self.strategy.round_timings.pop(server_round, {})})
+                                  **self.strategy.round_timings.pop(server_round, {}),
+                                  "end_unix": f"{time.time():.3f}"})
         if server_round > 0:
             self.check_progress(server_round, row)
         return MetricRecord({k: float(row[k]) for k in ("gacc", "gloss") if k in row})
