@@ -197,6 +197,8 @@ def run_target(target: str, args) -> list[Variant]:
         for _ in range(2 if "compiled" not in name else 3):  # warm-up (and compilation)
             variant.step()
         variant.setup_s = time.perf_counter() - t0
+        if "compiled" not in name:  # compiled kernels bypass the dispatcher
+            variant.ops = count_ops(variant.step)
         built.append(variant)
         print(f"  [{target}] set up {name} in {variant.setup_s:.1f} s", flush=True)
     time_interleaved(built, args.repeats, steps, target)
@@ -469,14 +471,14 @@ def render(
         lines += [
             f"## {target} {'x'.join(map(str, TARGETS[target]))}",
             "",
-            "| variant | wall ms | wall ratio | CPU ms | CPU ratio | set-up s |",
-            "|---|---:|---:|---:|---:|---:|",
+            "| variant | wall ms | wall ratio | CPU ms | CPU ratio | aten ops | set-up s |",
+            "|---|---:|---:|---:|---:|---:|---:|",
         ]
         for v in variants:
             w, c = v.median("wall"), v.median("cpu")
-            lines.append(
-                f"| {v.name} | {w:.2f} | {w / pw:.2f}x | {c:.2f} | {c / pc:.2f}x | {v.setup_s:.1f} |"
-            )
+            ops = "-" if v.ops is None else str(v.ops)
+            lines.append(f"| {v.name} | {w:.2f} | {w / pw:.2f}x | {c:.2f} | {c / pc:.2f}x | "
+                         f"{ops} | {v.setup_s:.1f} |")
         spread = max(plain.wall) / min(plain.wall)
         lines += [
             "",
@@ -535,6 +537,10 @@ def notes(results: dict[str, list[Variant]]) -> list[str]:
         hit = [v for v in variants if v.name == name]
         return f"{hit[0].median(clock) / plain:.2f}x" if hit else "n/a"
 
+    def ops(variants: list[Variant], name: str) -> str:
+        hit = [v.ops for v in variants if v.name == name and v.ops is not None]
+        return str(hit[0]) if hit else "n/a"
+
     out = []
     for target, variants in results.items():
         out.append(
@@ -545,7 +551,10 @@ def notes(results: dict[str, list[Variant]]) -> list[str]:
             f"{ratio(variants, 'hfz row/sample auto, compiled')}; batch granularity "
             f"{ratio(variants, 'hfz row/batch auto')}; fixed cost of the wrapper (head only, "
             f"uniform e: no extractor, one small generated layer) "
-            f"{ratio(variants, 'hfz head only, uniform e (fixed cost)')}."
+            f"{ratio(variants, 'hfz head only, uniform e (fixed cost)')}; aten operators per "
+            f"eager step {ops(variants, 'plain')} plain, {ops(variants, 'hfz row/sample auto')} "
+            f"per-sample, {ops(variants, 'hfz head only, uniform e (fixed cost)')} for the "
+            "fixed cost."
         )
     out += [
         "",
@@ -555,9 +564,10 @@ def notes(results: dict[str, list[Variant]]) -> list[str]:
             "residual base is a full plain layer, the factorised term adds (hidden + 1) / out of each "
             "layer (65/200 for the first), and the 784-64 extractor adds 0.26x; hidden 32 lowers the "
             "floor to ~1.5x. On top of the floor come per-op costs: the plain MLP step is under 1 ms "
-            "and HyperFedZero adds ~40 small kernels (extractor, noise, penalty, the hypernetwork's "
-            "first layer, contractions, their backward), each tens to hundreds of microseconds on "
-            "this CPU (the fixed-cost row above), and in eager mode the [B, rows, hidden] "
+            "and HyperFedZero dispatches several times its operators (the `aten ops` column: "
+            "extractor, noise, penalty, the hypernetwork's first layer, contractions, their "
+            "backward, each a few microseconds of fixed cost on this CPU at least), and in eager "
+            "mode the [B, rows, hidden] "
             "activations (64 x 410 x 64) are "
             "written and read several times per step. `torch.compile` (`model.compile: true`) fuses "
             "them into the contraction (written as product + sum) and roughly halves the MLP step; "
