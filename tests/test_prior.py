@@ -55,8 +55,9 @@ def test_the_corrected_logits_score_a_skewed_client_better():
     assert corrected > plain + 0.02, (plain, corrected)
 
 
-def heldout_accuracy(mode: str) -> float:
-    """A trained-looking linear model on a skewed held-out client, scored through the runtime."""
+def heldout_accuracy(mode: str, calls: list[int] | None = None) -> float:
+    """A trained-looking linear model on a skewed held-out client, scored through the runtime
+    (``calls``: the size of every batch the model ran on is appended)."""
     cfg = load_config("tiny", {"run.method": "fedavg", "model.target": "mlp",
                                "eval.heldout_adapt": mode})
     runtime = runtime_for(cfg, (1, 1, 1), 3, "cpu")
@@ -66,6 +67,8 @@ def heldout_accuracy(mode: str) -> float:
 
     class Bayes(torch.nn.Module):  # log-likelihood logits: the uniform-prior Bayes classifier
         def forward(self, batch: torch.Tensor) -> torch.Tensor:
+            if calls is not None:
+                calls.append(len(batch))
             return -((batch.reshape(-1, 1) - means) ** 2) / 2
 
     return runtime.evaluate_heldout(Bayes(), inputs, y)["accuracy"]
@@ -76,3 +79,15 @@ def test_heldout_adapt_em_prior_goes_through_the_method_runtime():
     assert em > none + 0.02, (none, em)
     assert heldout_accuracy("adabn+em_prior") == em  # no BatchNorm: AdaBN changes nothing
     assert heldout_accuracy("adabn") == none
+
+
+def test_em_prior_scores_the_shifted_logits_of_one_forward_pass():
+    """The EM correction and the scoring share one pass over the client's inputs, and the
+    accuracy is that of the logits plus the prior shift estimated from those same logits."""
+    calls: list[int] = []
+    accuracy = heldout_accuracy("em_prior", calls)
+    assert sum(calls) == 3000  # every input once: no second pass for the scoring
+    x, y, log_likelihood = gaussian_mixture([0.7, 0.2, 0.1], n=3000, seed=2)
+    shift = prior_shift(log_likelihood.softmax(1))
+    assert accuracy == pytest.approx(float(((log_likelihood + shift).argmax(1) == y)
+                                           .float().mean()), abs=1 / 3000)

@@ -7,7 +7,7 @@ seeding, devices, the shared/personal split, array checks and the evaluation loo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,13 +57,21 @@ def evaluate_logits(predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Te
                     y: torch.Tensor, batch_size: int = EVAL_BATCH,
                     device: torch.device | str = "cpu") -> EvalResult:
     """Accuracy and mean cross-entropy of ``predict`` (logits) on (x, y); no gradients."""
-    correct, loss_sum = 0, 0.0
-    for start in range(0, len(x), batch_size):
-        logits = predict(x[start : start + batch_size].to(device))
-        target = y[start : start + batch_size].to(device)
+    return score_logits((predict(x[start : start + batch_size].to(device))
+                         for start in range(0, len(x), batch_size)), y, device)
+
+
+@torch.inference_mode()
+def score_logits(batches: Iterable[torch.Tensor], y: torch.Tensor,
+                 device: torch.device | str = "cpu") -> EvalResult:
+    """Accuracy and mean cross-entropy of consecutive logit batches against ``y``."""
+    correct, loss_sum, start = 0, 0.0, 0
+    for logits in batches:
+        target = y[start : start + len(logits)].to(device)
+        start += len(logits)
         loss_sum += float(nn.functional.cross_entropy(logits, target, reduction="sum"))
         correct += int((logits.argmax(dim=1) == target).sum())
-    n = len(x)
+    n = len(y)
     return EvalResult(correct / max(n, 1), loss_sum / max(n, 1), n)
 
 
@@ -163,48 +171,37 @@ class MethodRuntime:
         mode = self.method.cfg.eval.heldout_adapt
         return () if mode == "none" else tuple(mode.split("+"))
 
-    @torch.inference_mode()
-    def label_prior_shift(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """``em_prior``: ``log q - log p_train`` for the logits, with ``q`` the label prior EM
-        estimates from the zero-shot posteriors on a held-out client's unlabelled inputs ``x``.
-        The training prior is taken as uniform: the paper's datasets are class-balanced, and a
-        held-out client cannot know the participants' label frequencies unless their label
-        histograms cross the network."""
-        model.eval()
-        x_dev = x.to(self.device)
-        predict = self.method.predictor(model, x_dev, True)
-        posteriors = torch.cat([predict(x_dev[start : start + EVAL_BATCH]).float().softmax(1)
-                                for start in range(0, len(x_dev), EVAL_BATCH)])
-        return prior_shift(posteriors)
-
     def evaluate_heldout(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                          tags: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """zACC on a held-out client: ``eval.heldout_adapt``'s label-free steps (AdaBN, then the
         EM label-prior correction), then :meth:`evaluate`."""
         self.adapt_heldout(model, x)
-        shift = self.label_prior_shift(model, x) if "em_prior" in self.heldout_steps() else None
-        return self.evaluate(model, x, y, zeroshot=True, tags=tags, logit_shift=shift)
+        return self.evaluate(model, x, y, zeroshot=True, tags=tags,
+                             em_prior="em_prior" in self.heldout_steps())
 
     def evaluate(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, zeroshot: bool,
                  diagnostics: bool = True, tags: Mapping[str, Any] | None = None,
-                 logit_shift: torch.Tensor | None = None) -> dict[str, Any]:
+                 em_prior: bool = False) -> dict[str, Any]:
         """Accuracy, loss and sample count of the method's prediction on (x, y), then ``tags``
         (e.g. the partition id), then the method's diagnostics: pACC on a participant
         (``zeroshot=False``), zACC on a held-out client and gACC on the server (``zeroshot``).
-        ``logit_shift`` [k] is added to every logit (the ``em_prior`` correction)."""
+
+        ``em_prior``: every logit gets ``log q - log p_train``, with ``q`` the label prior EM
+        estimates from the posteriors on the client's unlabelled inputs ``x`` (one forward pass
+        serves both). The training prior is taken as uniform: the paper's datasets are
+        class-balanced, and a held-out client cannot know the participants' label frequencies
+        unless their label histograms cross the network."""
         model.eval()
         with torch.inference_mode():
             x_dev = x.to(self.device)
             predict = self.method.predictor(model, x_dev, zeroshot)
-            if logit_shift is not None:
-                predict = _shifted(predict, logit_shift.to(self.device))
-            result = evaluate_logits(predict, x, y, device=self.device)
+            if em_prior:
+                logits = [predict(x_dev[start : start + EVAL_BATCH])
+                          for start in range(0, len(x_dev), EVAL_BATCH)]
+                shift = prior_shift(torch.cat([b.float().softmax(1) for b in logits]))
+                result = score_logits((b + shift for b in logits), y, self.device)
+            else:
+                result = evaluate_logits(predict, x, y, device=self.device)
             extra = self.method.diagnostics(model, x_dev) if diagnostics else {}
         return {"accuracy": result.accuracy, "loss": result.loss,
                 "num-examples": result.num_examples, **(tags or {}), **extra}
-
-
-def _shifted(predict: Callable[[torch.Tensor], torch.Tensor], shift: torch.Tensor
-             ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``predict`` with ``shift`` added to every row of logits."""
-    return lambda batch: predict(batch) + shift
