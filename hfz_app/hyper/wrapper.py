@@ -188,7 +188,7 @@ class HyperFedZeroModel(nn.Module):
                     f"embedding: expected [{d}], [1, {d}] or [{bsz}, {d}], "
                     f"got {list(embedding.shape)}"
                 )
-        if self.cfg.compile:
+        if self.cfg.compile and not torch.compiler.is_compiling():  # not nested in a compile
             return _compiled_forward()(self, x, embedding)
         return self._forward(x, embedding)
 

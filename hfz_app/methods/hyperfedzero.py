@@ -55,10 +55,8 @@ class HyperFedZeroMethod(Method):
 
 
 def training_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
-    """Loss of one batch and its detached parts, the embedding's usage among them. It runs the
-    wrapper's eager ``_forward``: ``model(x)`` under ``model.compile`` would nest the compiled
-    forward inside :func:`compiled_training_loss`, which dynamo traces with a warning."""
-    output = model._forward(x, None)
+    """Loss of one batch and its detached parts, the embedding's usage among them."""
+    output = model(x)
     loss, parts = model.loss(output, y)  # detached parts: summed on the device, no sync
     return loss, {f"train_{k}": v for k, v in parts.items()} | {
         "train_embed_usage": usage(output.embedding)}
