@@ -125,7 +125,10 @@ class ModelSection:
     # on CPU the CNN trunk costs ~4x the 784-64 MLP trunk (fwd+bwd, batch 64), more than the plain
     # MLP's whole training step (docs/benchmarks/step_time.md). "backbone" (with generate: head):
     # no trunk of its own; f and noisy read the target's own features, the input of the generated
-    # head, so the extractor costs two small linear layers.
+    # head, so the extractor costs two small linear layers. On LeNet-S (Fashion-MNIST) "mlp" cuts
+    # the recipe's step from 1.68x to 1.17x FedAvg's at the same accuracy but sends 0.35 MB per
+    # round against the CNN's 0.22, and "backbone" failed to train on one seed of three
+    # (docs/DESIGN.md, "Modules").
     extractor: Literal["auto", "cnn", "mlp", "backbone"] = "auto"
     residual: bool = True
     # true: factorised forward wherever it costs fewer FLOPs than materialising per-sample weights
