@@ -63,6 +63,7 @@ RECIPE_VARIANTS = {  # row -> (method, overrides on the preset)
     "recipe, backbone extractor": ("hyperfedzero", ['model.extractor="backbone"']),
     # conv targets' default trunk is the CNN; the MLP target's is this one already
     "recipe, MLP extractor": ("hyperfedzero", ['model.extractor="mlp"']),
+    "recipe, pooled MLP extractor": ("hyperfedzero", ['model.extractor="pooled_mlp"']),
     "recipe, compiled": ("hyperfedzero", ["model.compile=true"]),
 }
 

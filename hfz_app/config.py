@@ -129,7 +129,7 @@ class ModelSection:
     # the recipe's step from 1.68x to 1.17x FedAvg's at the same accuracy but sends 0.35 MB per
     # round against the CNN's 0.22, and "backbone" failed to train on one seed of three
     # (docs/DESIGN.md, "Modules").
-    extractor: Literal["auto", "cnn", "mlp", "backbone"] = "auto"
+    extractor: Literal["auto", "cnn", "mlp", "pooled_mlp", "backbone"] = "auto"
     residual: bool = True
     # true: factorised forward wherever it costs fewer FLOPs than materialising per-sample weights
     # (every Linear; convs with few output positions), materialised elsewhere; false: materialise

@@ -185,6 +185,21 @@ def test_extractor_kind() -> None:
     assert model("mlp", extractor="cnn").noisy_embed.extractor.kind == "cnn"
 
 
+def test_pooled_mlp_extractor_reads_the_input_pooled_by_two() -> None:
+    """``pooled_mlp``: 2x2 average pooling, then the MLP trunk on 196 features (28x28), so its
+    first layer is a quarter of ``mlp``'s; the embedding follows the pooled input only."""
+    m = model("lenet", extractor="pooled_mlp").train()
+    trunk = m.noisy_embed.extractor.trunk
+    assert m.noisy_embed.extractor.kind == "pooled_mlp" and trunk[2].in_features == 14 * 14
+    x = torch.rand(4, *MNIST)
+    assert m(x).logits.shape == (4, 10)
+    m.eval()
+    same_pooled = x + torch.tensor([[1.0, -1.0], [-1.0, 1.0]]).repeat(14, 14) * 0.1
+    assert torch.allclose(m.embed(x), m.embed(same_pooled), atol=1e-6)
+    with pytest.raises(ValueError, match="'pooled_mlp' pools 2x2"):
+        model("mlp", (1, 1, 784), extractor="pooled_mlp")
+
+
 # -- granularity and explicit embeddings ---------------------------------------------------------
 
 

@@ -87,7 +87,7 @@ def test_em_prior_scores_the_shifted_logits_of_one_forward_pass():
     calls: list[int] = []
     accuracy = heldout_accuracy("em_prior", calls)
     assert sum(calls) == 3000  # every input once: no second pass for the scoring
-    x, y, log_likelihood = gaussian_mixture([0.7, 0.2, 0.1], n=3000, seed=2)
+    _, y, log_likelihood = gaussian_mixture([0.7, 0.2, 0.1], n=3000, seed=2)
     shift = prior_shift(log_likelihood.softmax(1))
     assert accuracy == pytest.approx(float(((log_likelihood + shift).argmax(1) == y)
                                            .float().mean()), abs=1 / 3000)

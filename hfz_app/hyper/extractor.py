@@ -33,15 +33,24 @@ def _cnn_trunk(channels: int, hidden: int) -> tuple[nn.Module, int]:
     return trunk, hidden
 
 
-def _mlp_trunk(in_features: int, hidden: int) -> tuple[nn.Module, int]:
-    """Flatten -> Linear(in, hidden) -> ReLU (the prototype's 784-64 extractor)."""
-    return nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU()), hidden
+def _mlp_trunk(input_shape: tuple[int, int, int], hidden: int, pool: int = 1
+               ) -> tuple[nn.Module, int]:
+    """[pool x pool average pooling ->] Flatten -> Linear(in, hidden) -> ReLU (the prototype's
+    784-64 extractor; pooled by 2, 196-64: a quarter of its weights to send)."""
+    c, h, w = input_shape
+    if pool > 1 and min(h, w) < pool:
+        raise ValueError(f"model.extractor: 'pooled_mlp' pools {pool}x{pool}, so it needs "
+                         f"inputs of at least that size, got {h}x{w}")
+    layers = [nn.AvgPool2d(pool)] if pool > 1 else []
+    in_features = c * (h // pool) * (w // pool)
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU()), hidden
 
 
 class DistributionExtractor(nn.Module):
     """Trunk on the raw input with a clean head ``f(x)`` and an optional noise head ``noisy(x)``.
 
     ``kind``: ``cnn`` (2-layer CNN), ``mlp`` (one hidden layer on the flattened input),
+    ``pooled_mlp`` (the same after 2x2 average pooling),
     ``auto``: the CNN for images with H, W >= 16, the MLP for flat or small inputs, or
     ``backbone``: no trunk, the heads read features the target already computed (``input_shape``
     is then theirs, ``(1, 1, F)``).
@@ -62,11 +71,14 @@ class DistributionExtractor(nn.Module):
         if kind == "cnn":
             self.trunk, feat = _cnn_trunk(c, hidden)
         elif kind == "mlp":
-            self.trunk, feat = _mlp_trunk(math.prod(input_shape), hidden)
+            self.trunk, feat = _mlp_trunk(input_shape, hidden)
+        elif kind == "pooled_mlp":
+            self.trunk, feat = _mlp_trunk(input_shape, hidden, pool=2)
         elif kind == "backbone":
             self.trunk, feat = nn.Flatten(), math.prod(input_shape)
         else:
-            raise ValueError(f"model.extractor: expected auto, cnn, mlp or backbone, got {kind!r}")
+            raise ValueError("model.extractor: expected auto, cnn, mlp, pooled_mlp or backbone, "
+                             f"got {kind!r}")
         self.kind = kind
         self.clean = nn.Linear(feat, embed_dim)
         self.noise = nn.Linear(feat, embed_dim) if noise_head else None
