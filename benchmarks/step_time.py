@@ -55,13 +55,15 @@ GOALS = {"mlp": 2.0, "lenet": 2.0, "resnet20": 2.0}  # per-sample HyperFedZero /
 RECIPE_PRESETS = {"mlp": ("mnist_mlp", (1, 28, 28), 10),
                   "lenet_s": ("fashion_mnist_lenet_s", (1, 28, 28), 10),
                   "resnet20": ("cifar100_resnet", (3, 32, 32), 100)}
+RECIPE_PRESETS_SHAPES = {p: (shape, classes) for p, shape, classes in RECIPE_PRESETS.values()}
 RECIPE_GOALS = {"mlp": 1.25, "lenet_s": 1.25, "resnet20": 1.10}
 RECIPE_VARIANTS = {  # row -> (method, overrides on the preset)
     "fedavg": ("fedavg", []),
     "recipe": ("hyperfedzero", []),
     "recipe, e uniform (no extractor run)": ("hyperfedzero", ['model.embedding="uniform"']),
     "recipe, backbone extractor": ("hyperfedzero", ['model.extractor="backbone"']),
-    # conv targets' default trunk is the CNN; the MLP target's is this one already
+    # the extractor trunks; a row that is the preset's own recipe is left out
+    "recipe, CNN extractor": ("hyperfedzero", ['model.extractor="cnn"']),
     "recipe, MLP extractor": ("hyperfedzero", ['model.extractor="mlp"']),
     "recipe, pooled MLP extractor": ("hyperfedzero", ['model.extractor="pooled_mlp"']),
     "recipe, compiled": ("hyperfedzero", ["model.compile=true"]),
@@ -287,6 +289,19 @@ def _method_step(preset: str, shape, classes: int, method_name: str, overrides: 
     return step, parts
 
 
+def _same_model(preset: str, overrides: list[str]) -> bool:
+    """Whether ``overrides`` leave the preset's HyperFedZero model as it is (``auto`` resolved:
+    the extractor trunk the wrapper builds)."""
+    def trunk(cfg) -> tuple[str, dict]:
+        model = get_method("hyperfedzero")(cfg, RECIPE_PRESETS_SHAPES[preset][0],
+                                           RECIPE_PRESETS_SHAPES[preset][1]).build_model()
+        return model.noisy_embed.extractor.kind, dataclasses.replace(cfg.model, extractor="-")
+
+    base = load_config(preset, {"run.method": "hyperfedzero"})
+    changed = load_config(preset, {"run.method": "hyperfedzero", **parse_overrides(overrides)})
+    return trunk(base) == trunk(changed)
+
+
 def run_recipe(target: str, args) -> tuple[list[Variant], dict[str, dict[str, float]]]:
     """The recipe's rows for ``target`` (interleaved repeats, as :func:`run_target`) and the
     median wall ms of each part of the FedAvg and recipe steps."""
@@ -300,8 +315,9 @@ def run_recipe(target: str, args) -> tuple[list[Variant], dict[str, dict[str, fl
         if "compiled" in name and not (args.compile and (target != "resnet20"
                                                           or args.compile_resnet)):
             continue
-        if name == "recipe, MLP extractor" and target == "mlp":  # the recipe itself
-            continue
+        if name != "recipe" and method_name == "hyperfedzero" and _same_model(
+                preset, overrides):
+            continue  # the preset's recipe itself (e.g. the MLP trunk on the MLP preset)
         t0 = time.perf_counter()
         step, parts = _method_step(preset, shape, classes, method_name, overrides, x, y)
         for _ in range(3):  # warm-up (and compilation)

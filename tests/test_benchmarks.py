@@ -352,10 +352,12 @@ def test_step_time_recipe_section_times_the_clients_step_and_quotes_into_cost_ta
     step_time.main()
     text = out.read_text()
     assert "### mlp (`mnist_mlp`)" in text
-    for row in ("fedavg", "recipe", "recipe, e uniform (no extractor run)",
-                "recipe, backbone extractor"):
+    rows = ("recipe", "recipe, e uniform (no extractor run)", "recipe, backbone extractor",
+            "recipe, CNN extractor", "recipe, pooled MLP extractor")
+    for row in ("fedavg", *rows):
         assert f"| {row} |" in text
-    assert text.count("- goal <= 1.25x") == 3
+    assert "| recipe, MLP extractor |" not in text  # the MLP preset's own trunk: the recipe row
+    assert text.count("- goal <= 1.25x") == len(rows)
     for part in ("extractor", "hypernetwork", "target forward", "backward", "optimiser step"):
         assert f"| {part} |" in text
     ops = {line.split("|")[1].strip(): int(line.split("|")[6]) for line in text.splitlines()
@@ -364,8 +366,7 @@ def test_step_time_recipe_section_times_the_clients_step_and_quotes_into_cost_ta
     assert "| part | fedavg | recipe | fedavg ops | recipe ops |" in text
     assert f"dispatches {ops['recipe']} aten operators against FedAvg's {ops['fedavg']}" in text
     quoted = cost_table.step_time_quote(out)
-    assert [row.split("|")[1].strip() for row in quoted] == [
-        "fedavg", "recipe", "recipe, e uniform (no extractor run)", "recipe, backbone extractor"]
+    assert [row.split("|")[1].strip() for row in quoted] == ["fedavg", *rows]
 
 
 def test_the_sweeps_spelt_out_recipe_is_the_presets_recipe():
