@@ -120,15 +120,15 @@ class ModelSection:
     chunk_embed_dim: int = field(default=8, metadata=_check(min=1))
     hidden: str = "64"  # hypernetwork hidden widths, comma-separated
     extractor_hidden: int = field(default=64, metadata=_check(min=1))
-    # Extractor trunk: "cnn" (2-layer CNN), "mlp", or "auto": the CNN for convolutional targets on
-    # images with H, W >= 16, else the MLP. The MLP target gets the MLP trunk under "auto" because
-    # on CPU the CNN trunk costs ~4x the 784-64 MLP trunk (fwd+bwd, batch 64), more than the plain
-    # MLP's whole training step (docs/benchmarks/step_time.md). "backbone" (with generate: head):
-    # no trunk of its own; f and noisy read the target's own features, the input of the generated
-    # head, so the extractor costs two small linear layers. On LeNet-S (Fashion-MNIST) "mlp" cuts
-    # the recipe's step from 1.68x to 1.17x FedAvg's at the same accuracy but sends 0.35 MB per
-    # round against the CNN's 0.22, and "backbone" failed to train on one seed of three
-    # (docs/DESIGN.md, "Modules").
+    # Extractor trunk: "cnn" (2-layer CNN), "mlp", "pooled_mlp" (2x2 average pooling, then the
+    # MLP trunk), or "auto": the CNN for convolutional targets on images with H, W >= 16, else the
+    # MLP. The MLP target gets the MLP trunk under "auto" because on CPU the CNN trunk costs ~4x
+    # the 784-64 MLP trunk (fwd+bwd, batch 64), more than the plain MLP's whole training step
+    # (docs/benchmarks/step_time.md); for the same reason the Fashion-MNIST/LeNet-S preset sets
+    # "pooled_mlp" (same accuracy, fewer weights to send: docs/DESIGN.md, "Modules"). "backbone"
+    # (with generate: head): no trunk of its own; f and noisy read the target's own features, the
+    # input of the generated head, so the extractor costs two small linear layers (it failed to
+    # train on one Fashion-MNIST seed of three).
     extractor: Literal["auto", "cnn", "mlp", "pooled_mlp", "backbone"] = "auto"
     residual: bool = True
     # true: factorised forward wherever it costs fewer FLOPs than materialising per-sample weights
