@@ -376,3 +376,17 @@ def test_the_sweeps_spelt_out_recipe_is_the_presets_recipe():
             == load_config("mnist_mlp").flat())
     assert (load_config("fashion_mnist_lenet_s", sweep.RECIPE_HFZ).flat()
             == load_config("fashion_mnist_lenet_s").flat())
+
+
+def test_cost_table_times_fedavg_and_hyperfedzero_side_by_side(capsys):
+    """The local-round goal's ratio: both methods' rounds on the same client, alternating in one
+    process, as medians of each."""
+    import json
+
+    from benchmarks import cost_table
+
+    cost_table.interleaved_child({"preset": "tiny", "overrides": {}, "repeats": 2,
+                                  "partition": 0})
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("CHILD "))
+    medians = json.loads(line.removeprefix("CHILD "))
+    assert set(medians) == {"fedavg", "hyperfedzero"} and all(v > 0 for v in medians.values())
