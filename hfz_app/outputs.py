@@ -170,12 +170,13 @@ class RunOutputs:
         with tmp.open("wb") as out:
             out.write(f'{head[:-2]},\n "clients": {{'.encode())
             start = out.tell()
-            if span is not None and span[1] > span[0]:
+            copied = span is not None and span[1] > span[0]
+            if copied:
                 with self.metrics_json.open("rb") as previous:
                     previous.seek(span[0])
                     _copy_bytes(previous, out, span[1] - span[0])
-                new = [b"," + line for line in new]
-            out.write(b",".join(new))
+            if new:
+                out.write((b"," if copied else b"") + b",".join(new))
             self._clients_span = (start, out.tell())
             out.write(b"\n }\n}\n")
         tmp.replace(self.metrics_json)

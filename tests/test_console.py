@@ -102,3 +102,6 @@ def test_metrics_json_keeps_every_round_without_holding_them(tmp_path) -> None:
     assert [row["round"] for row in payload["rounds"]] == [0, 1, 2, 3]
     assert payload["clients"] == {"1": replies[1], "2": replies[2],
                                   "3": {"participants": [], "heldout": [{"x": 3}]}}
+    resumed._write_metrics_json({4: {"a": 4}, 5: {"a": 5}}, keep_previous=True)  # several at once
+    payload = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert list(payload["clients"]) == ["1", "2", "3", "4", "5"]
