@@ -60,23 +60,42 @@ def reset_peak() -> bool:
         return False
 
 
+def _client(cfg: Any, federation: Any, partition: int) -> tuple[Any, Any, Any]:
+    """``cfg.run.method``'s method, its freshly built model and ``partition``'s data, as a
+    ClientApp holds them before a round."""
+    import torch
+
+    from hfz_app.methods import get_method
+
+    method = get_method(cfg.run.method)(cfg, federation.input_shape, federation.num_classes)
+    torch.manual_seed(cfg.run.seed)
+    return method, method.build_model(), federation.client(partition)
+
+
+def _train_once(cfg: Any, method: Any, model: Any, data: Any) -> float:
+    """One local round of ``model`` as the train handler runs it; its wall seconds."""
+    import torch
+
+    start = time.perf_counter()
+    method.local_train(model, data.train_x, data.train_y,
+                       torch.Generator().manual_seed(cfg.run.seed),
+                       {"server-round": 1, "proximal-mu": cfg.fedprox.mu})
+    return time.perf_counter() - start
+
+
 def child(spec: dict[str, Any]) -> None:
     """One method, in a fresh process: memory and time of one local round, then the bytes run."""
     import torch
 
     from hfz_app.config import load_config
     from hfz_app.data import build_federation
-    from hfz_app.methods import get_method
 
     preset, overrides = spec["preset"], spec["overrides"]
     cfg = load_config(preset, overrides)
     if cfg.train.torch_threads:
         torch.set_num_threads(cfg.train.torch_threads)
-    federation = build_federation(cfg.data, cfg.run.seed)
-    data = federation.client(spec["partition"])
-    method = get_method(cfg.run.method)(cfg, federation.input_shape, federation.num_classes)
-    torch.manual_seed(cfg.run.seed)
-    model = method.build_model()
+    method, model, data = _client(cfg, build_federation(cfg.data, cfg.run.seed),
+                                  spec["partition"])
     state = model.state_dict()
     shared, personal = method.shared_keys(model), method.personal_keys(model)
     out: dict[str, Any] = {
@@ -85,7 +104,6 @@ def child(spec: dict[str, Any]) -> None:
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "train_samples": len(data.train_x),
     }
-    config = {"server-round": 1, "proximal-mu": cfg.fedprox.mu}
 
     def one_round(m: torch.nn.Module) -> tuple[float, float, float]:
         """Extra peak MB, resident MB before, wall s of one local round of ``m``."""
@@ -94,10 +112,7 @@ def child(spec: dict[str, Any]) -> None:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
         rss_before = proc_status_kb("VmRSS")
         out["peak_reset"] = reset_peak()
-        start = time.perf_counter()
-        method.local_train(m, data.train_x, data.train_y,
-                           torch.Generator().manual_seed(cfg.run.seed), config)
-        wall = time.perf_counter() - start
+        wall = _train_once(cfg, method, m, data)
         return (proc_status_kb("VmHWM") - rss_before) / 1024, rss_before / 1024, wall
 
     # The process's first round also pays torch's one-off start-up (autograd engine, kernels'
@@ -123,26 +138,17 @@ def interleaved_child(spec: dict[str, Any]) -> None:
 
     from hfz_app.config import load_config
     from hfz_app.data import build_federation
-    from hfz_app.methods import get_method
 
-    runs = {}
+    torch.set_num_threads(1)
+    runs, federation = {}, None
     for name in ("fedavg", "hyperfedzero"):
         cfg = load_config(spec["preset"], spec["overrides"] | {"run.method": name})
-        torch.set_num_threads(1)
-        federation = build_federation(cfg.data, cfg.run.seed)
-        method = get_method(name)(cfg, federation.input_shape, federation.num_classes)
-        torch.manual_seed(cfg.run.seed)
-        runs[name] = (cfg, method, method.build_model(), federation.client(spec["partition"]))
-    config = {"server-round": 1}
+        federation = federation or build_federation(cfg.data, cfg.run.seed)  # the same data
+        runs[name] = (cfg, *_client(cfg, federation, spec["partition"]))
 
     def one_round(name: str) -> float:
         cfg, method, model, data = runs[name]
-        fresh = copy.deepcopy(model)
-        start = time.perf_counter()
-        method.local_train(fresh, data.train_x, data.train_y,
-                           torch.Generator().manual_seed(cfg.run.seed), config | {
-                               "proximal-mu": cfg.fedprox.mu})
-        return time.perf_counter() - start
+        return _train_once(cfg, method, copy.deepcopy(model), data)
 
     walls: dict[str, list[float]] = {name: [] for name in runs}
     for name in runs:  # warm-up
