@@ -77,7 +77,7 @@ def merge_groups(groups: list[dict]) -> list[dict]:
         settings = {k: v for k, v in group.items() if k not in ("params", "name")}
         key = tuple(sorted(settings.items()))
         into = merged.setdefault(key, {**settings, "params": []})
-        into["params"] = [*into["params"], *group["params"]]
+        into["params"].extend(group["params"])
         if "name" in group:
             into["name"] = "+".join(filter(None, (into.get("name"), group["name"])))
     return list(merged.values())

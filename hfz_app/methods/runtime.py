@@ -7,7 +7,7 @@ seeding, devices, the shared/personal split, array checks and the evaluation loo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,8 +57,15 @@ def evaluate_logits(predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Te
                     y: torch.Tensor, batch_size: int = EVAL_BATCH,
                     device: torch.device | str = "cpu") -> EvalResult:
     """Accuracy and mean cross-entropy of ``predict`` (logits) on (x, y); no gradients."""
-    return score_logits((predict(x[start : start + batch_size].to(device))
-                         for start in range(0, len(x), batch_size)), y, device)
+    return score_logits(batched_logits(predict, x, batch_size, device), y, device)
+
+
+def batched_logits(predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                   batch_size: int = EVAL_BATCH, device: torch.device | str = "cpu"
+                   ) -> Iterator[torch.Tensor]:
+    """``predict`` on consecutive batches of ``x``, moved to ``device``."""
+    for start in range(0, len(x), batch_size):
+        yield predict(x[start : start + batch_size].to(device))
 
 
 @torch.inference_mode()
@@ -196,8 +203,7 @@ class MethodRuntime:
             x_dev = x.to(self.device)
             predict = self.method.predictor(model, x_dev, zeroshot)
             if em_prior:
-                logits = [predict(x_dev[start : start + EVAL_BATCH])
-                          for start in range(0, len(x_dev), EVAL_BATCH)]
+                logits = list(batched_logits(predict, x_dev, device=self.device))
                 shift = prior_shift(torch.cat([b.float().softmax(1) for b in logits]))
                 result = score_logits((b + shift for b in logits), y, self.device)
             else:
