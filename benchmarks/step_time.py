@@ -55,7 +55,6 @@ GOALS = {"mlp": 2.0, "lenet": 2.0, "resnet20": 2.0}  # per-sample HyperFedZero /
 RECIPE_PRESETS = {"mlp": ("mnist_mlp", (1, 28, 28), 10),
                   "lenet_s": ("fashion_mnist_lenet_s", (1, 28, 28), 10),
                   "resnet20": ("cifar100_resnet", (3, 32, 32), 100)}
-RECIPE_PRESETS_SHAPES = {p: (shape, classes) for p, shape, classes in RECIPE_PRESETS.values()}
 RECIPE_GOALS = {"mlp": 1.25, "lenet_s": 1.25, "resnet20": 1.10}
 RECIPE_VARIANTS = {  # row -> (method, overrides on the preset)
     "fedavg": ("fedavg", []),
@@ -289,17 +288,12 @@ def _method_step(preset: str, shape, classes: int, method_name: str, overrides: 
     return step, parts
 
 
-def _same_model(preset: str, overrides: list[str]) -> bool:
-    """Whether ``overrides`` leave the preset's HyperFedZero model as it is (``auto`` resolved:
-    the extractor trunk the wrapper builds)."""
-    def trunk(cfg) -> tuple[str, dict]:
-        model = get_method("hyperfedzero")(cfg, RECIPE_PRESETS_SHAPES[preset][0],
-                                           RECIPE_PRESETS_SHAPES[preset][1]).build_model()
-        return model.noisy_embed.extractor.kind, dataclasses.replace(cfg.model, extractor="-")
-
-    base = load_config(preset, {"run.method": "hyperfedzero"})
-    changed = load_config(preset, {"run.method": "hyperfedzero", **parse_overrides(overrides)})
-    return trunk(base) == trunk(changed)
+def _hfz_model_signature(preset: str, shape, classes: int, overrides: list[str]) -> tuple:
+    """What HyperFedZero builds on ``preset`` with ``overrides``: the model settings with the
+    extractor as the wrapper resolves it (``auto`` -> the trunk it picks)."""
+    cfg = load_config(preset, {"run.method": "hyperfedzero", **parse_overrides(overrides)})
+    model = get_method("hyperfedzero")(cfg, shape, classes).build_model()
+    return model.noisy_embed.extractor.kind, dataclasses.replace(cfg.model, extractor="-")
 
 
 def run_recipe(target: str, args) -> tuple[list[Variant], dict[str, dict[str, float]]]:
@@ -311,12 +305,13 @@ def run_recipe(target: str, args) -> tuple[list[Variant], dict[str, dict[str, fl
     y = torch.randint(0, classes, (args.batch,), generator=gen)
     steps = args.steps or {"mlp": 20, "lenet_s": 10, "resnet20": 2}[target]
     built, timers, op_parts = [], {}, {}
+    recipe_model = _hfz_model_signature(preset, shape, classes, [])
     for name, (method_name, overrides) in RECIPE_VARIANTS.items():
         if "compiled" in name and not (args.compile and (target != "resnet20"
                                                           or args.compile_resnet)):
             continue
-        if name != "recipe" and method_name == "hyperfedzero" and _same_model(
-                preset, overrides):
+        if name != "recipe" and method_name == "hyperfedzero" and _hfz_model_signature(
+                preset, shape, classes, overrides) == recipe_model:
             continue  # the preset's recipe itself (e.g. the MLP trunk on the MLP preset)
         t0 = time.perf_counter()
         step, parts = _method_step(preset, shape, classes, method_name, overrides, x, y)
@@ -343,6 +338,11 @@ def run_recipe(target: str, args) -> tuple[list[Variant], dict[str, dict[str, fl
                   for name, d in op_parts.items()}
     print(f"  [{target}] recipe rows done", flush=True)
     return built, breakdown
+
+
+def _cell(value: float) -> str:
+    """An operator count as is, a time in ms to 3 decimals."""
+    return str(value) if isinstance(value, int) else f"{value:.3f}"
 
 
 def render_recipe(results: dict[str, tuple[list[Variant], dict]]) -> list[str]:
@@ -382,13 +382,10 @@ def render_recipe(results: dict[str, tuple[list[Variant], dict]]) -> list[str]:
         lines += ["", "Where a step's time goes (median wall ms of each part, timed apart):", "",
                   "| part | " + " | ".join(breakdown) + " |",
                   "|---|" + "---:|" * len(breakdown)]
-        def cell(value: float) -> str:
-            return str(value) if isinstance(value, int) else f"{value:.3f}"
-
         for part in parts:
-            cells = [cell(breakdown[k][part]) if part in breakdown[k] else "" for k in breakdown]
+            cells = [_cell(breakdown[k][part]) if part in breakdown[k] else "" for k in breakdown]
             lines.append(f"| {part} | " + " | ".join(cells) + " |")
-        totals = [f"**{cell(sum(d.values()))}**" for d in breakdown.values()]
+        totals = [f"**{_cell(sum(d.values()))}**" for d in breakdown.values()]
         lines += ["| total | " + " | ".join(totals) + " |", ""]
         recipe = next((v for v in variants if v.name == "recipe"), None)
         if recipe is not None and recipe.ops and fedavg.ops and recipe.ops > fedavg.ops:
