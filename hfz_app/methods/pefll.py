@@ -96,7 +96,8 @@ class PeFLLMethod(Method):
     reaches :math:`\phi`). As in pFedHN's and PeFLL's own code, the step is clipped: the
     vector-Jacobian product :math:`g_i` is scaled by :math:`\min(1, c / \lVert g_i\rVert_2)`, its
     global norm over :math:`\psi`, with :math:`c` = ``pefll.clip_norm`` (0: no clipping). The
-    server averages :math:`\psi` (the configured server step, as for every method), which, up to FedAvg's sample weights, is PeFLL's server update
+    server averages :math:`\psi` (the configured server step, as for every method), which, up
+    to FedAvg's sample weights, is PeFLL's server update
     :math:`\psi \leftarrow \psi - \frac{\beta}{|S|} \sum_i (\partial\theta_i/\partial\psi)^\top
     \Delta\theta_i`. With :math:`U = 0` at the start and :math:`\beta = 1`, round 1 moves
     :math:`\theta_0` to the FedAvg of the :math:`\tilde\theta_i`.

@@ -172,7 +172,8 @@ class ScaffoldMethod(FedAvgMethod):
     (the paper, and the default ``scaffold.momentum`` 0) and, with SGD momentum :math:`\beta`
     (``scaffold.momentum``),
     :math:`S_K = \sum_{j=1}^K (1-\beta^j)/(1-\beta)`: the total weight momentum gives the
-    corrected gradients, so that :math:`c_i^+` is again their weighted mean minus the correction. The server steps :math:`x` with the configured server step over the
+    corrected gradients, so that :math:`c_i^+` is again their weighted mean minus the
+    correction. The server steps :math:`x` with the configured server step over the
     :math:`y_i` (``server.*``, the same for every method; FedAvg: the sample-weighted mean) and
 
     .. math::
