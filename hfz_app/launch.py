@@ -226,12 +226,13 @@ def stop_process_groups(procs: list[subprocess.Popen], timeout_s: float = 30.0) 
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def run_processes(marker: str) -> list[int]:
+def run_processes(marker: str | tuple[str, ...]) -> list[int]:
     """Live processes (not zombies) whose environment holds ``marker`` (``FLWR_HOME=<this run's
-    private home>``): every process the run started however deep, also those reparented away
-    from the SuperLink's process group (Ray's daemons start their own sessions). Linux /proc;
-    elsewhere none are found and only the SuperLink's group is stopped."""
-    needle, pids = b"\0" + marker.encode() + b"\0", []
+    private home>``), or any of several: every process the run started however deep, also those
+    reparented away from the SuperLink's process group (Ray's daemons start their own sessions).
+    Linux /proc; elsewhere none are found and only the SuperLink's group is stopped."""
+    markers = (marker,) if isinstance(marker, str) else marker
+    needles, pids = [b"\0" + m.encode() + b"\0" for m in markers], []
     try:
         entries = [e.name for e in os.scandir("/proc") if e.name.isdigit()]
     except OSError:
@@ -244,9 +245,22 @@ def run_processes(marker: str) -> list[int]:
                 environ = f.read()  # empty for a zombie
         except OSError:
             continue
-        if needle in b"\0" + environ + b"\0":
+        if any(needle in b"\0" + environ + b"\0" for needle in needles):
             pids.append(int(name))
     return pids
+
+
+def with_raylet_children(marker: str, pids: list[int]) -> tuple[str, ...]:
+    """``marker`` and ``RAY_RAYLET_PID=<pid>`` for each of ``pids`` that is a Ray raylet: the
+    processes a raylet starts carry its pid, and Ray's agents (``ray::DashboardAgent``,
+    ``ray::RuntimeEnvAgent``) were once seen outliving a stop without ``marker`` in their
+    environment as ``/proc`` showed it."""
+    raylets = []
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            if b"raylet/raylet" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                raylets.append(f"RAY_RAYLET_PID={pid}")
+    return (marker, *raylets)
 
 
 def stop_run(procs: list[subprocess.Popen], marker: str, timeout_s: float = 30.0) -> None:
@@ -255,6 +269,8 @@ def stop_run(procs: list[subprocess.Popen], marker: str, timeout_s: float = 30.0
     simulation and Ray (its daemons and ClientApp actors) are not in the SuperLink's group and
     outlived a stop of that group alone. SIGTERM to all, SIGKILL what outlives a grace period."""
     left = run_processes(marker)
+    markers = with_raylet_children(marker, left)
+    left = run_processes(markers)
     for proc in procs:  # all at once: the SuperLink's group and the rest
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
@@ -268,12 +284,13 @@ def stop_run(procs: list[subprocess.Popen], marker: str, timeout_s: float = 30.0
         deadline = time.monotonic() + grace_s
         while left and time.monotonic() < deadline:
             time.sleep(0.2)
-            left = run_processes(marker)
-    kill_late_spawns(marker)
+            left = run_processes(markers)
+    kill_late_spawns(markers)
     stop_process_groups(procs, timeout_s)  # reap ours (SIGKILL if still running)
 
 
-def kill_late_spawns(marker: str, quiet_s: float = 1.0, timeout_s: float = 10.0) -> None:
+def kill_late_spawns(marker: str | tuple[str, ...], quiet_s: float = 1.0,
+                     timeout_s: float = 10.0) -> None:
     """SIGKILL what still carries ``marker`` until none has for ``quiet_s``: a process can start
     while the others stop (a Ray worker or ClientApp process requested just before), after the
     last scan above."""

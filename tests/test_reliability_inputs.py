@@ -36,7 +36,7 @@ from hfz_app.data import load_data
 from hfz_app.federation.inprocess import full_run_config, run_inprocess, simulation_node_configs
 from hfz_app.federation.server import NoProgress
 from hfz_app.launch import main as launch
-from hfz_app.launch import run_processes
+from hfz_app.launch import run_processes, stop_run
 from hfz_app.methods import runtime_for
 from hfz_app.outputs import check_output_dir, run_directory
 from server_app import app as server_app
@@ -383,6 +383,31 @@ def _commands(pids: list[int]) -> list[str]:
         except OSError:
             out.append(f"{pid} (gone)")
     return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
+def test_stop_also_ends_what_a_raylet_started_without_the_run_marker() -> None:
+    """A process that carries the run's marker and runs ``.../raylet/raylet`` is a raylet: the
+    stop also ends processes whose environment names it (``RAY_RAYLET_PID``) but has lost the
+    marker, as Ray's agents once did; a process with neither is left alone."""
+    marker = f"HFZ_TEST_STOP={uuid.uuid4().hex}"
+    sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+    base = {k: v for k, v in os.environ.items() if k != "RAY_RAYLET_PID"}
+    raylet = subprocess.Popen([*sleep, "/x/raylet/raylet"],
+                              env={**base, marker.split("=")[0]: marker.split("=")[1]})
+    agent = subprocess.Popen(sleep, env={**base, "RAY_RAYLET_PID": str(raylet.pid)})
+    bystander = subprocess.Popen(sleep, env=base)
+    try:
+        deadline = time.monotonic() + 10
+        while raylet.pid not in run_processes(marker) and time.monotonic() < deadline:
+            time.sleep(0.05)  # /proc/<pid>/environ is the child's once it has exec'd
+        stop_run([], marker, timeout_s=5)
+        assert raylet.wait(timeout=10) is not None and agent.wait(timeout=10) is not None
+        assert bystander.poll() is None
+    finally:
+        for proc in (raylet, agent, bystander):
+            proc.kill()
+            proc.wait()
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
